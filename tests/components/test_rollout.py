@@ -234,3 +234,42 @@ def test_bad_inputs_raise_user_error(model, tokenizer, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # makes `import vllm` raise ImportError
     with pytest.raises(UserError, match=r"pip install 'moepost\[vllm\]'"):
         build_engine("vllm", model, tokenizer)
+
+
+def test_reserved_cache_layer_matches_concatenation() -> None:
+    from transformers.cache_utils import DynamicLayer
+
+    from moepost.components.kv_cache import ReservedLayer
+
+    torch.manual_seed(0)
+    plain, reserved = DynamicLayer(), ReservedLayer(reserve=2)
+    chunks = [torch.randn(2, 3, n, 4) for n in (5, 1, 1, 1, 1)]  # a prefill, then 4 decode steps
+    for i, chunk in enumerate(chunks):
+        if i == 1:  # a group of 2 samples per prompt, as the engine does after prefill
+            plain.batch_repeat_interleave(2)
+            reserved.batch_repeat_interleave(2)
+        k_plain, v_plain = plain.update(
+            chunk.repeat(2 if i else 1, 1, 1, 1), -chunk.repeat(2 if i else 1, 1, 1, 1)
+        )
+        k_res, v_res = reserved.update(
+            chunk.repeat(2 if i else 1, 1, 1, 1), -chunk.repeat(2 if i else 1, 1, 1, 1)
+        )
+        assert torch.equal(k_plain, k_res) and torch.equal(v_plain, v_res)
+        assert reserved.get_seq_length() == plain.get_seq_length()
+    # 5 + 1 positions buffered after the repeat, +2 reserve: the 3rd decode step re-buffers once
+    assert reserved._key_buf is not None and reserved._key_buf.shape[-2] == 9 + 2
+
+
+def test_reserved_cache_generation_is_bit_identical(model, tokenizer, prompts, monkeypatch):
+    from transformers import DynamicCache
+
+    import moepost.components.rollout as rollout
+
+    params = SamplingParams(num_samples_per_prompt=4, max_new_tokens=12, temperature=1.0, seed=3)
+    fast = engine(model, tokenizer).generate(prompts, params)
+    monkeypatch.setattr(
+        rollout, "reserved_cache", lambda config, reserve: DynamicCache(config=config)
+    )
+    plain = engine(model, tokenizer).generate(prompts, params)
+    assert fast.completion_ids == plain.completion_ids
+    assert torch.equal(fast.logprobs, plain.logprobs)

@@ -44,7 +44,9 @@ def stage_config(request: pytest.FixtureRequest, tiny_model: Path, tmp_path: Pat
     return builder(tiny_model, data, tmp_path / "run")
 
 
-def test_unknown_key(capsys: pytest.CaptureFixture[str], stage_config: dict, tmp_path: Path) -> None:
+def test_unknown_key(
+    capsys: pytest.CaptureFixture[str], stage_config: dict, tmp_path: Path
+) -> None:
     stage_config["optim"]["learnig_rate"] = 1e-4
     code, err = _run(capsys, ["train", str(_write(tmp_path, stage_config))])
     _assert_one_line(code, err, "optim.learnig_rate", "section 'optim'", "learning_rate")

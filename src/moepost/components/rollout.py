@@ -24,6 +24,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
+from moepost.components.kv_cache import reserved_cache
 from moepost.errors import UserError
 
 StepCallback = Callable[[int, str], None]
@@ -257,13 +258,14 @@ class HFRolloutEngine:
         return out.logits[:, -1, :]
 
     def _prefill(
-        self, prompts: list[list[int]], group_size: int
+        self, prompts: list[list[int]], group_size: int, reserve: int
     ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
         """Prefill; returns the cache, logits [n, V] and attention_mask [n, P], n = len*G."""
         if not self.share_prefix:
             prompts = [p for p in prompts for _ in range(group_size)]
         input_ids, attention_mask = _left_pad(prompts, self.pad_token_id, self.device)
-        cache = DynamicCache(config=self.model.config)
+        # Room for the completion, so decode steps write in place instead of re-concatenating.
+        cache = reserved_cache(self.model.config, reserve=reserve)
         logits = self._forward(
             0,
             "prefill",
@@ -282,7 +284,9 @@ class HFRolloutEngine:
     def _generate_chunk(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
     ) -> _ChunkOut:
-        cache, logits, attention_mask = self._prefill(prompts, params.num_samples_per_prompt)
+        cache, logits, attention_mask = self._prefill(
+            prompts, params.num_samples_per_prompt, params.max_new_tokens
+        )
         n = logits.shape[0]
         eos = torch.tensor(self.eos_token_ids, device=self.device)
         reasons = torch.zeros(n, dtype=torch.long, device=self.device)

@@ -22,6 +22,7 @@ from moepost.algorithms.moe import (
     routing_counts,
     routing_drift,
 )
+from moepost.components.experts import experts_in_use
 from moepost.components.moe import (
     ReplaySource,
     RouterCapture,
@@ -72,6 +73,9 @@ class RouterTools:
             f"{self.num_layers} MoE layers ({kind}, E={self.num_experts}, K={self.top_k})",
             f"aux coef {self.aux_coef:g}",
         ]
+        impl = experts_in_use(self.model)
+        if impl is not None:
+            parts.append(f"experts {impl}")
         if self.z_coef:
             parts.append(f"z coef {self.z_coef:g}")
         if self.frozen:

@@ -40,7 +40,9 @@ class ModelConfig:
     tokenizer_name_or_path: str | None = None
     dtype: Dtype = "auto"
     attn_implementation: str | None = None
-    experts_implementation: Literal["auto", "eager", "grouped_mm", "batched_mm"] = "auto"
+    experts_implementation: Literal[
+        "auto", "eager", "grouped_mm", "batched_mm", "moepost_grouped"
+    ] = "auto"
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)

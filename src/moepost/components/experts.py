@@ -1,0 +1,114 @@
+"""moepost's routed-experts forward for transformers v5, and the `experts_implementation` choice.
+
+transformers v5 runs every MoE block's experts through a pluggable function
+(`ALL_EXPERTS_FUNCTIONS`, chosen by `config._experts_implementation`). Its `grouped_mm`
+function gathers the (token, expert) pairs with advanced indexing, multiplies by the routing
+weights, un-permutes with a second gather, and sums the top-k rows. On CPU each advanced-index
+gather costs an `index_put_(accumulate=True)` in backward, which was ~10% of a training step on
+the bench model (docs/benchmarks.md).
+
+`moepost_grouped` computes the same sum with the same two grouped matmuls, but gathers with
+`index_select` and scatters the weighted rows straight back with `index_add_` (no second
+permutation; its backward is a plain `index_select`). The result equals `grouped_mm`'s up to the
+order in which the top-k contributions of a token are added (about 1 ulp). `index_add_` is not
+deterministic on CUDA (atomics), so "auto" picks it on CPU only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+NAME = "moepost_grouped"
+
+
+def sorted_experts_forward(
+    self: nn.Module,
+    hidden_states: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts for hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H].
+
+    `self` is a transformers experts module decorated with `use_experts_implementation`
+    (gate_up_proj [E, 2I, H] or [E, H, 2I] when `is_transposed`, down_proj, optional biases).
+    """
+    from transformers.integrations.moe import _grouped_linear, grouped_mm_experts_forward
+
+    if self._is_expert_parallel:  # sentinel expert ids need transformers' masking
+        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+    num_experts = self.num_experts
+    top_k = top_k_index.shape[-1]
+    expert_ids = top_k_index.reshape(-1)  # [S], S = T * k
+    order = torch.argsort(expert_ids, stable=True)  # pairs grouped by expert
+    token_of_pair = order // top_k  # [S] source row of each sorted pair
+    counts = torch.bincount(expert_ids, minlength=num_experts)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    weights = top_k_weights.reshape(-1)[order]  # [S]
+    sorted_ids = expert_ids[order] if self.has_bias else None
+
+    x = hidden_states.index_select(0, token_of_pair)  # [S, H]
+    up_weight = self.gate_up_proj if self.has_gate else self.up_proj
+    up_bias = None
+    if self.has_bias:
+        up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[sorted_ids]
+    h = _grouped_linear(x, up_weight, offsets, bias=up_bias, is_transposed=self.is_transposed)
+    h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # [S, I]
+    down_bias = self.down_proj_bias[sorted_ids] if self.has_bias else None
+    y = _grouped_linear(
+        h, self.down_proj, offsets, bias=down_bias, is_transposed=self.is_transposed
+    )  # [S, H]
+    if self.has_post_expert_norm:
+        y = self.post_expert_norm(y)
+    y = y * weights.unsqueeze(-1).to(y.dtype)
+    out = torch.zeros(hidden_states.shape, dtype=y.dtype, device=hidden_states.device).index_add_(
+        0, token_of_pair, y
+    )
+    return out.to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Make `moepost_grouped` a valid `experts_implementation` (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(NAME, sorted_experts_forward)
+
+
+def supports_experts_implementation(model: nn.Module) -> bool:
+    """True when the model's MoE blocks dispatch through transformers' experts interface."""
+    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "_experts_implementation", None) is None:
+        return False
+    can_set = getattr(base, "_can_set_experts_implementation", None)
+    return bool(can_set()) if callable(can_set) else False
+
+
+def experts_in_use(model: nn.Module) -> str | None:
+    """The model's current `experts_implementation`, None when it has no pluggable experts."""
+    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not supports_experts_implementation(model):
+        return None
+    return str(base.config._experts_implementation)
+
+
+def auto_experts_implementation(device: torch.device) -> str | None:
+    """The "auto" choice: `moepost_grouped` on CPU, transformers' default elsewhere (None)."""
+    return NAME if device.type == "cpu" else None
+
+
+def apply_experts_implementation(model: nn.Module, requested: str, device: torch.device) -> str:
+    """Switch the loaded model to `requested` ("auto" resolved for `device`); returns the name
+    in use ("n/a" for a model without pluggable experts)."""
+    if not supports_experts_implementation(model):
+        return "n/a"
+    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = auto_experts_implementation(device) if requested == "auto" else requested
+    if name == NAME:
+        register()
+    if name is not None and name != base.config._experts_implementation:
+        base.set_experts_implementation(name)
+    return experts_in_use(model) or "n/a"
