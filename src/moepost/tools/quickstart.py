@@ -30,6 +30,9 @@ from typing import Any
 from moepost.errors import UserError
 
 STAGES = ("base", "sft", "gspo")
+# What a quickstart writes into its output folder (removed again on a re-run).
+OUTPUTS = ("model", "data", "base_eval", "sft", "sft_eval", "gspo", "quickstart_summary.json")
+MARKER = ".moepost_quickstart"
 MODEL = {"hidden_size": 128, "num_layers": 4, "num_experts": 8, "top_k": 2}
 # Fast mode (the end-to-end test): a few steps per stage, every output still written.
 FAST_DATA = {"num_train": 64, "num_eval": 8}
@@ -38,7 +41,7 @@ FAST_GSPO = [
     "train.max_steps=2",
     "train.prompts_per_step=2",
     "train.micro_batch_size=16",
-    "train.eval_every=1",
+    "train.eval_every=0",  # the end-of-run eval still picks best/
     "train.save_every=2",
 ]
 
@@ -61,8 +64,8 @@ def _cli(args: list[str]) -> None:
 
     print(f"\n$ moepost {' '.join(args)}", flush=True)
     code = main(args)
-    if code != 0:
-        raise RuntimeError(f"quickstart: `moepost {' '.join(args[:2])}` exited with code {code}")
+    if code != 0:  # the command has printed its own error line
+        raise UserError(f"quickstart: `moepost {' '.join(args[:2])}` failed (exit code {code})")
 
 
 def _last(path: Path, key: str) -> float | None:
@@ -99,8 +102,9 @@ def load_entropy(model_dir: Path, eval_file: Path, limit: int = 64) -> float:
     ]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     # Thresholds off: this is a measurement, the collapse warning belongs to training runs.
-    quiet = MoEConfig(router_aux_loss_coef=0.0, collapse_entropy_threshold=0.0)
-    quiet.collapse_dead_threshold = 10**9
+    quiet = MoEConfig(
+        router_aux_loss_coef=0.0, collapse_entropy_threshold=0.0, collapse_dead_threshold=10**9
+    )
     router = RouterTools(model, quiet)
     with torch.no_grad(), router.capture() as cap:
         model(**batch, use_cache=False)
@@ -136,47 +140,101 @@ def _report(run_dir: Path) -> str:
     return str(write_report(run_dir))
 
 
+def _prepare_output(output: str | Path) -> Path:
+    """An empty output folder, or one a previous quickstart wrote (its outputs are removed:
+    the run logs are appended to, so stale ones would mix with the new run's)."""
+    out = Path(output).resolve()
+    marker = out / MARKER
+    if out.is_dir() and any(out.iterdir()) and not marker.is_file():
+        raise UserError(
+            f"quickstart --output {out}: folder exists and is not a quickstart output; "
+            "pass a new or empty folder"
+        )
+    for name in OUTPUTS:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text("written by `moepost quickstart`; its outputs are replaced on a re-run\n")
+    return out
+
+
+def _run_sft(
+    out: Path, sft_cfg: Path, gspo_cfg: Path, args: list[str], fast: bool
+) -> dict[str, Any]:
+    run_dir = out / "sft"
+    paths = [f"model.policy_name_or_path={out / 'model'}", f"logging.output_dir={run_dir}"]
+    # The report is drawn below, once the generation eval outputs are in the run folder.
+    _cli(
+        [
+            "train",
+            str(sft_cfg),
+            *args,
+            *paths,
+            "logging.write_report=false",
+            *(FAST_SFT if fast else []),
+        ]
+    )
+    stage = _eval_stage("sft", run_dir / "final", out, gspo_cfg, args)
+    shutil.copyfile(out / "sft_eval" / "eval_outputs.jsonl", run_dir / "eval_outputs.jsonl")
+    stage.update(model=str(run_dir / "final"), report=_report(run_dir))
+    return stage
+
+
+def _run_gspo(out: Path, gspo_cfg: Path, args: list[str], fast: bool) -> dict[str, Any]:
+    run_dir = out / "gspo"
+    paths = [f"model.policy_name_or_path={out / 'sft' / 'final'}", f"logging.output_dir={run_dir}"]
+    _cli(["train", str(gspo_cfg), *args, *paths, *(FAST_GSPO if fast else [])])
+    # The run ends with an eval of its final weights on the eval split: the GSPO figures.
+    log = run_dir / "train_log.jsonl"
+    report = run_dir / "report.html"
+    return {
+        "accuracy": _last(log, "eval/accuracy"),
+        "reward_mean": _last(log, "eval/reward_mean"),
+        "model": str(run_dir / "final"),
+        "report": str(report) if report.is_file() else _report(run_dir),
+    }
+
+
 def run_quickstart(output: str | Path, *, seed: int = 0, fast: bool = False) -> dict[str, Any]:
     """Build, train (SFT then GSPO), evaluate and summarise; returns the summary dict."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # "Writing model shards" at every save
+    try:
+        return _run(output, seed=seed, fast=fast)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _run(output: str | Path, *, seed: int, fast: bool) -> dict[str, Any]:
     from moepost.tools.quickstart_data import write_dataset
     from moepost.tools.tiny_model import build_tiny_model
 
     t_all = time.perf_counter()
-    out = Path(output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    out = _prepare_output(output)
     cfgs = config_dir()
     sft_cfg, gspo_cfg = cfgs / "sft.yaml", cfgs / "gspo.yaml"
     model_dir = build_tiny_model(out / "model", "qwen3_moe", seed=seed, **MODEL)
     train_file, eval_file = write_dataset(out / "data", seed=seed, **(FAST_DATA if fast else {}))
-    paths = [f"data.train_file={train_file}", f"data.eval_file={eval_file}", f"train.seed={seed}"]
+    args = [f"data.train_file={train_file}", f"data.eval_file={eval_file}", f"train.seed={seed}"]
     stages: dict[str, dict[str, Any]] = {}
-
-    t0 = time.perf_counter()
-    stages["base"] = _eval_stage("base", model_dir, out, gspo_cfg, paths)
-    stages["base"]["model"] = str(model_dir)
-    stages["base"]["wall_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    sft_dir = out / "sft"
-    sft_args = [f"model.policy_name_or_path={model_dir}", f"logging.output_dir={sft_dir}"]
-    _cli(["train", str(sft_cfg), *paths, *sft_args, *(FAST_SFT if fast else [])])
-    stages["sft"] = _eval_stage("sft", sft_dir / "final", out, gspo_cfg, paths)
-    shutil.copyfile(out / "sft_eval" / "eval_outputs.jsonl", sft_dir / "eval_outputs.jsonl")
-    stages["sft"].update(model=str(sft_dir / "final"), report=_report(sft_dir))
-    stages["sft"]["wall_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    gspo_dir = out / "gspo"
-    gspo_args = [f"model.policy_name_or_path={sft_dir / 'final'}", f"logging.output_dir={gspo_dir}"]
-    _cli(["train", str(gspo_cfg), *paths, *gspo_args, *(FAST_GSPO if fast else [])])
-    stages["gspo"] = {
-        "accuracy": _last(gspo_dir / "train_log.jsonl", "eval/accuracy"),
-        "reward_mean": _last(gspo_dir / "train_log.jsonl", "eval/reward_mean"),
-        "model": str(gspo_dir / "final"),
-        "report": _report(gspo_dir),
-    }
-    stages["gspo"]["wall_s"] = time.perf_counter() - t0
-
+    for name in STAGES:
+        t0 = time.perf_counter()
+        if name == "base":
+            stages[name] = {
+                **_eval_stage(name, model_dir, out, gspo_cfg, args),
+                "model": str(model_dir),
+            }
+        elif name == "sft":
+            stages[name] = _run_sft(out, sft_cfg, gspo_cfg, args, fast)
+        else:
+            stages[name] = _run_gspo(out, gspo_cfg, args, fast)
+        stages[name]["wall_s"] = time.perf_counter() - t0
     for name in STAGES:
         stages[name]["load_entropy"] = load_entropy(Path(stages[name]["model"]), eval_file)
     summary = {
@@ -184,7 +242,7 @@ def run_quickstart(output: str | Path, *, seed: int = 0, fast: bool = False) -> 
         "wall_s": time.perf_counter() - t_all,
         "seed": seed,
         "fast": fast,
-        "num_eval": sum(1 for _ in eval_file.open(encoding="utf-8")),
+        "num_eval": len(eval_file.read_text(encoding="utf-8").splitlines()),
         "output_dir": str(out),
     }
     (out / "quickstart_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -235,6 +293,11 @@ def print_summary(summary: dict[str, Any]) -> None:
                 c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))
             ]
             print("  ".join(cells))
+    print(
+        "accuracy: share of GSM8K-strict correct answers; load_entropy: normalised expert-load "
+        "entropy (1 = balanced), mean over MoE layers; wall_s: the stage's training, evaluation "
+        "and report"
+    )
     print(f"total wall time: {summary['wall_s']:.0f} s")
     for name in ("sft", "gspo"):
         print(f"{name} report: {summary['stages'][name]['report']}")

@@ -1,10 +1,12 @@
 """The quickstart's dataset: arithmetic word problems with GSM8K-style answers, from a seed.
 
-"Ann has 7 pens and buys 5 more. How many pens does Ann have?" -> "7+5=12\\n#### 12".
-One-step problems add or take away; two-step problems do both, so the task has headroom above
-what a short SFT teaches. The eval split never repeats a train question (text and numbers), so
-the accuracy it gives is on held-out problems. Rows are `{question, answer}` (the `gsm8k` data
-format), which SFT turns into a user/assistant pair and RL into a prompt plus reference answer.
+"Ann has 7 pens and buys 5 more. How many pens now?" -> "7+5=12\\n#### 12". Numbers are 1-9
+(sums up to 18) so a character-level model of ~2 M parameters learns to copy and add them within
+a few hundred steps. One-step problems add or take away; two-step problems (30%) do both, which
+leaves headroom above what the short SFT stage teaches. The eval split never repeats a train
+question, so its accuracy is on held-out problems (the arithmetic facts themselves recur).
+Rows are `{question, answer}` (the `gsm8k` data format), which SFT turns into a user/assistant
+pair and RL into a prompt plus reference answer.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ class Problem:
     working: str  # the equations, one per line
     value: int
 
-    def answer(self, *, terse: bool = False) -> str:
-        """GSM8K form: the working then "#### N", or only "#### N" when `terse`."""
-        return f"#### {self.value}" if terse else f"{self.working}\n#### {self.value}"
+    @property
+    def answer(self) -> str:
+        """GSM8K form: the working, then "#### N"."""
+        return f"{self.working}\n#### {self.value}"
 
 
 def _one_step(rng: random.Random, max_number: int) -> Problem:
@@ -82,12 +85,9 @@ def write_dataset(
     num_eval: int = 200,
     max_number: int = 9,
     two_step_frac: float = 0.3,
-    terse_frac: float = 0.0,
 ) -> tuple[Path, Path]:
     """Write `train.jsonl` and `eval.jsonl` (rows `{question, answer}`) and return their paths.
 
-    `terse_frac` of the train answers are only "#### N", without the working; eval answers
-    always show it (they are references: the reward reads only the number after "####").
     The eval problems are drawn first so that a different `num_train` never changes them.
     """
     out = Path(out_dir)
@@ -100,13 +100,8 @@ def write_dataset(
     train = make_problems(
         num_train, rng, max_number=max_number, two_step_frac=two_step_frac, exclude=seen
     )
-    rows = {
-        "train.jsonl": [(p, rng.random() < terse_frac) for p in train],
-        "eval.jsonl": [(p, False) for p in evals],
-    }
-    for name, problems in rows.items():
+    for name, problems in (("train.jsonl", train), ("eval.jsonl", evals)):
         with (out / name).open("w", encoding="utf-8") as f:
-            for p, terse in problems:
-                row = {"question": p.question, "answer": p.answer(terse=terse)}
-                f.write(json.dumps(row) + "\n")
+            for p in problems:
+                f.write(json.dumps({"question": p.question, "answer": p.answer}) + "\n")
     return out / "train.jsonl", out / "eval.jsonl"
