@@ -40,7 +40,7 @@ from bench.common import (  # noqa: E402
 )
 
 SCRIPT = Path(__file__).resolve()
-IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm", "moepost_grouped")
 # batched_mm's gathered weights (forward + their gradients) above this many GB: skipped
 GATHER_CAP_GB = {"cpu": 3.0, "cuda": 20.0}
 
@@ -80,6 +80,9 @@ def build_block(p: dict[str, Any], impl: str) -> Any:
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
+    from moepost.components import experts
+
+    experts.register()  # moepost_grouped
     config = Qwen3MoeConfig(
         hidden_size=p["hidden"],
         num_experts=p["experts"],
@@ -166,6 +169,10 @@ def registered_implementations() -> list[str]:
     """'eager' plus every backend registered in the installed transformers' ExpertsInterface."""
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+        from moepost.components import experts
+
+        experts.register()
 
         extra = sorted(k for k in ALL_EXPERTS_FUNCTIONS.keys() if k not in IMPLEMENTATIONS)
     except ImportError:

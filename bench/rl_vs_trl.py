@@ -43,6 +43,11 @@ from bench.common import (  # noqa: E402
 )
 
 SCRIPT = Path(__file__).resolve()
+BEFORE = "moepost_grouped_mm"
+BEFORE_HELP = (
+    "also run moepost with model.experts_implementation=grouped_mm (transformers' kernel, "
+    "moepost before moepost_grouped) as a third alternating side"
+)
 
 
 def settings(quick: bool = False) -> dict[str, Any]:
@@ -98,6 +103,7 @@ def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
         [
             "stage=rl",
             f"model.policy_name_or_path={p['model_dir']}",
+            f"model.experts_implementation={p.get('experts', 'auto')}",
             f"model.dtype={p['dtype']}",
             f"data.train_file={p['data_file']}",
             f"generation.num_samples_per_prompt={p['group_size']}",
@@ -327,8 +333,14 @@ def tables(agg: dict[str, dict[str, Any]], runs: int, steps: int) -> str:
         ("reward", "reward mean (measured steps)"),
     ):
         ma, mb = a["median"][key], b["median"][key]
-        rows.append([label, ma, mb, ratio(ma, mb), spread(a["runs"][key]), spread(b["runs"][key])])
+        row = [label, ma, mb, ratio(ma, mb), spread(a["runs"][key]), spread(b["runs"][key])]
+        if BEFORE in agg:
+            mc = agg[BEFORE]["median"][key]
+            row += [mc, ratio(ma, mc)]
+        rows.append(row)
     head = ["GSPO step", "moepost", "TRL", "moepost/TRL", "moepost runs", "TRL runs"]
+    if BEFORE in agg:
+        head += ["moepost, grouped_mm experts", "moepost/that"]
     return (
         f"{runs} alternating runs each, {steps} steps per run, first step left out\n"
         + markdown_table(head, rows)
@@ -341,6 +353,7 @@ def run(
     workdir: Path | None = None,
     say: Any = print,
     threads: int = NUM_THREADS,
+    before: bool = False,
 ) -> dict[str, Any]:
     """Build inputs, run both sides alternately, print and return the figures."""
     p = {**settings(quick), "threads": threads}
@@ -358,6 +371,10 @@ def run(
         "moepost": lambda i: run_child(SCRIPT, "moepost", p, workdir / f"moepost_{i}"),
         "trl": lambda i: run_child(SCRIPT, "trl", p, workdir / f"trl_{i}"),
     }
+    if before:  # moepost on transformers' grouped_mm experts: the figure before moepost_grouped
+        jobs[BEFORE] = lambda i: run_child(
+            SCRIPT, "moepost", {**p, "experts": "grouped_mm"}, workdir / f"before_{i}"
+        )
     results = alternate(jobs, runs, say)
     agg = {name: aggregate(res, warmup=1) for name, res in results.items()}
     text = tables(agg, runs, p["steps"])
@@ -374,10 +391,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help=f"torch threads per job (default auto: {NUM_THREADS}, or 1 on a busy machine)",
     )
+    parser.add_argument("--before", action="store_true", help=BEFORE_HELP)
     args = parser.parse_args(argv)
     args.threads = resolve_threads(args.threads)
     print(machine_line(args.threads))
-    run(args.runs, args.quick, threads=args.threads)
+    run(args.runs, args.quick, threads=args.threads, before=args.before)
     return 0
 
 

@@ -42,7 +42,7 @@ def summary(rl: dict[str, Any], sft: dict[str, Any], layer: dict[str, Any]) -> s
             rows.append([f"{label} {key}", a[key], b[key], ratio(a[key], b[key])])
     by_impl = {r["impl"]: r for r in layer["results"]}
     eager = by_impl.get("eager", {}).get("sizes", [])
-    for impl in ("grouped_mm", "batched_mm"):
+    for impl in ("grouped_mm", "moepost_grouped", "batched_mm"):
         for i, size in enumerate(by_impl.get(impl, {}).get("sizes", [])):
             base = eager[i] if i < len(eager) else {}
             label = f"MoE layer {impl} vs eager, {size['tokens']} tok"
@@ -64,15 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help=f"torch threads per job (default auto: {NUM_THREADS}, or 1 on a busy machine)",
     )
+    parser.add_argument("--before", action="store_true", help=rl_vs_trl.BEFORE_HELP)
     args = parser.parse_args(argv)
     args.threads = resolve_threads(args.threads)
     runs = args.runs or (2 if args.quick else 3)
     t0 = time.perf_counter()
     print(machine_line(args.threads), flush=True)
     print("\n## GSPO: moepost vs TRL", flush=True)
-    rl = rl_vs_trl.run(runs, args.quick, threads=args.threads)
+    rl = rl_vs_trl.run(runs, args.quick, threads=args.threads, before=args.before)
     print("\n## SFT: moepost vs TRL", flush=True)
-    sft = sft_vs_trl.run(runs, args.quick, threads=args.threads)
+    sft = sft_vs_trl.run(runs, args.quick, threads=args.threads, before=args.before)
     print("\n## MoE layer: experts backends", flush=True)
     layer = moe_layer.run(args.quick, threads=args.threads)
     print(f"\n## Summary ({time.perf_counter() - t0:.0f} s in all)")

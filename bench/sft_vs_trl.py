@@ -43,6 +43,11 @@ from bench.common import (  # noqa: E402
 )
 
 SCRIPT = Path(__file__).resolve()
+BEFORE = "moepost_grouped_mm"
+BEFORE_HELP = (
+    "also run moepost with model.experts_implementation=grouped_mm (transformers' kernel, "
+    "moepost before moepost_grouped) as a third alternating side"
+)
 
 
 def settings(quick: bool = False) -> dict[str, Any]:
@@ -81,6 +86,7 @@ def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
         [
             "stage=sft",
             f"model.policy_name_or_path={p['model_dir']}",
+            f"model.experts_implementation={p.get('experts', 'auto')}",
             f"model.dtype={p['dtype']}",
             f"data.train_file={p['data_file']}",
             "data.format=messages",
@@ -247,8 +253,14 @@ def tables(agg: dict[str, dict[str, Any]], runs: int, p: dict[str, Any]) -> str:
         ("final_loss", f"loss at step {p['steps']}"),
     ):
         ma, mb = a["median"][key], b["median"][key]
-        rows.append([label, ma, mb, ratio(ma, mb), spread(a["runs"][key]), spread(b["runs"][key])])
+        row = [label, ma, mb, ratio(ma, mb), spread(a["runs"][key]), spread(b["runs"][key])]
+        if BEFORE in agg:
+            mc = agg[BEFORE]["median"][key]
+            row += [mc, ratio(ma, mc)]
+        rows.append(row)
     head = ["SFT step", "moepost", "TRL", "moepost/TRL", "moepost runs", "TRL runs"]
+    if BEFORE in agg:
+        head += ["moepost, grouped_mm experts", "moepost/that"]
     return (
         f"{runs} alternating runs each, {p['steps']} steps per run, first {p['warmup']} left "
         "out of the timings\n" + markdown_table(head, rows)
@@ -261,6 +273,7 @@ def run(
     workdir: Path | None = None,
     say: Any = print,
     threads: int = NUM_THREADS,
+    before: bool = False,
 ) -> dict[str, Any]:
     p = {**settings(quick), "threads": threads}
     model_dir = bench_model()
@@ -276,6 +289,10 @@ def run(
         "moepost": lambda i: run_child(SCRIPT, "moepost", p, workdir / f"moepost_{i}"),
         "trl": lambda i: run_child(SCRIPT, "trl", p, workdir / f"trl_{i}"),
     }
+    if before:  # moepost on transformers' grouped_mm experts: the figure before moepost_grouped
+        jobs[BEFORE] = lambda i: run_child(
+            SCRIPT, "moepost", {**p, "experts": "grouped_mm"}, workdir / f"before_{i}"
+        )
     results = alternate(jobs, runs, say)
     agg = {name: aggregate(res, warmup=p["warmup"]) for name, res in results.items()}
     text = tables(agg, runs, p)
@@ -292,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help=f"torch threads per job (default auto: {NUM_THREADS}, or 1 on a busy machine)",
     )
+    parser.add_argument("--before", action="store_true", help=BEFORE_HELP)
     args = parser.parse_args(argv)
     args.threads = resolve_threads(args.threads)
     print(machine_line(args.threads))
-    run(args.runs, args.quick, threads=args.threads)
+    run(args.runs, args.quick, threads=args.threads, before=args.before)
     return 0
 
 
