@@ -15,6 +15,7 @@ from moepost.components.packing import (
     collate_sft,
     pack_sft,
     packed_mask_for,
+    without_trailing_padding_mask,
 )
 
 VOCAB = 97
@@ -154,3 +155,43 @@ def test_batch_by_tokens() -> None:
     assert batch_by_tokens([], 10) == []
     with pytest.raises(ValueError, match="max_tokens"):
         batch_by_tokens([1], 0)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_trailing_padding_mask_dropped_without_changing_real_positions(
+    examples: list[SFTExample], attn: str
+) -> None:
+    model = _model(attn).eval()
+    batch = collate_sft(examples[:4], pad_token_id=0)  # right-padded rows of different lengths
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    fast = without_trailing_padding_mask(inputs)
+    assert "attention_mask" not in fast
+    assert torch.equal(fast["position_ids"][1], torch.arange(batch["input_ids"].shape[1]))
+    real = batch["attention_mask"].bool()
+    assert not bool(real.all())  # the batch has padding to drop
+    with torch.no_grad():
+        ref = model(**inputs, use_cache=False).logits
+        out = model(**fast, use_cache=False).logits
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padding_holes_and_packed_masks_are_kept() -> None:
+    left = {
+        "input_ids": torch.ones(2, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]),
+    }
+    hole = {
+        "input_ids": torch.ones(1, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 0, 1, 0]]),
+    }
+    packed = {
+        "input_ids": torch.ones(1, 4, dtype=torch.long),
+        "attention_mask": torch.ones(1, 1, 4, 4, dtype=torch.bool),
+    }
+    for inputs in (left, hole, packed):
+        assert without_trailing_padding_mask(inputs) is inputs
+    full = {
+        "input_ids": torch.ones(2, 3, dtype=torch.long),
+        "attention_mask": torch.ones(2, 3, dtype=torch.long),
+    }
+    assert set(without_trailing_padding_mask(full)) == {"input_ids", "position_ids"}

@@ -98,6 +98,40 @@ def test_r3_replay_zero_flips_and_smaller_gap(
     )
 
 
+def test_trimmed_pad_columns_change_nothing_under_r3(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Micro-batches drop the left-pad columns all their rows share (and a mask that is then
+    trailing-only): losses, KL, gaps and R3 replay/drift equal the full-width run."""
+    from moepost.recipes.rl_update import StepTensors
+
+    _perturbed_rollout_routers(monkeypatch, scale=0.5)
+    rows_in = format_rows("gsm8k", n=12)
+    for i, row in enumerate(rows_in):  # prompts of clearly different lengths
+        row["question"] = "Please answer. " * (i % 3) + row["question"]
+    data = write_jsonl(tmp_path / "d.jsonl", rows_in)
+    full_columns = StepTensors.columns
+    cut: list[int] = []
+
+    def spy(self: StepTensors, idx: slice) -> slice:
+        cols = full_columns(self, idx)
+        cut.append(cols.start)
+        return cols
+
+    rows = {}
+    for name, columns in (("trimmed", spy), ("full", lambda self, idx: slice(None))):
+        monkeypatch.setattr(StepTensors, "columns", columns)
+        out = tmp_path / name
+        cfg = rl_config(tiny_model, data, out, moe={"routing_replay": "r3"}, rl={"kl_coef": 0.1})
+        run_rl(make_config(cfg))
+        rows[name] = [r for r in read_log(out) if "loss" in r]
+    assert max(cut) > 0, "no micro-batch had shared left padding to cut"
+    for trimmed, full in zip(rows["trimmed"], rows["full"], strict=True):
+        for key in ("loss", "kl", "logprob_gap/mean", "moe/route_flip_rate_rollout_train"):
+            assert trimmed[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+    assert rows["trimmed"][0]["moe/route_flip_rate_rollout_train"] == 0.0
+
+
 def test_r2_replays_old_policy_routes_in_every_update(tiny_model: Path, tmp_path: Path) -> None:
     data = write_jsonl(tmp_path / "d.jsonl", format_rows("gsm8k", n=12))
     out = tmp_path / "run"

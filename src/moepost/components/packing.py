@@ -215,3 +215,25 @@ def batch_by_tokens(
     if current:
         batches.append(current)
     return batches
+
+
+def without_trailing_padding_mask(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a 2-D attention_mask whose padding is only at the end of each row.
+
+    Under causal attention a real token never attends to a later position, so trailing padding
+    cannot change a real token's output; the mask only stops sdpa from taking its causal path
+    (which skips the upper triangle) and costs a [B, 1, T, T] mask build. Outputs at real
+    positions are unchanged; padded positions (excluded from every loss and count) then see
+    each other. Left padding, 4-D (packed) masks and rows with holes keep their mask.
+    Position ids are added when missing, so they stay those of the masked call.
+    """
+    mask = inputs.get("attention_mask")
+    if mask is None or mask.dim() != 2:
+        return inputs
+    if not bool((mask[:, 1:] <= mask[:, :-1]).all()):  # not of the form 1..1 0..0
+        return inputs
+    out = {k: v for k, v in inputs.items() if k != "attention_mask"}
+    if "position_ids" not in out:
+        # transformers' default positions (arange) equal the masked call's for 1..1 0..0 rows
+        out["position_ids"] = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return out

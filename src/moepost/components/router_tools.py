@@ -34,6 +34,8 @@ from moepost.components.moe import (
 )
 from moepost.config.schema import MoEConfig
 
+ALL = slice(None)  # every column of a micro-batch's rows
+
 log = logging.getLogger("moepost.moe")
 
 
@@ -226,12 +228,13 @@ class RouterTools:
             self._drift.setdefault(key, []).append(float(value))
 
     @contextmanager
-    def record_routes(self, sl: slice) -> Iterator[None]:
-        """Old-policy pass of micro-batch `sl`: record its routes (R2 replays them)."""
+    def record_routes(self, sl: slice, cols: slice = ALL) -> Iterator[None]:
+        """Old-policy pass of micro-batch `sl` (columns `cols` of the step's rows): record its
+        routes (R2 replays them)."""
         if not self.layers or self.cfg.routing_replay != "r2":
             yield None
             return
-        replay = self._rollout_replay(sl)
+        replay = self._rollout_replay(sl, cols)
         with ExitStack() as stack:
             if replay is not None:
                 stack.enter_context(replay_routing(self.model, replay))
@@ -239,25 +242,31 @@ class RouterTools:
             yield None
         self._recorded[(sl.start, sl.stop)] = cap.indices()
 
-    def _rollout_replay(self, sl: slice) -> ReplaySource | None:
+    def _rollout_replay(self, sl: slice, cols: slice) -> ReplaySource | None:
         if self.cfg.routing_replay != "r3" or self.rollout_routes is None:
             return None
-        routes = self.rollout_routes[:, sl].reshape(self.num_layers, -1, self.top_k)
+        routes = self.rollout_routes[:, sl, cols].reshape(self.num_layers, -1, self.top_k)
         return ReplaySource.single(routes)
 
-    def replay_for(self, sl: slice, update_index: int) -> ReplaySource | None:
-        """Routes the training pass of micro-batch `sl` must use (None: the router decides)."""
+    def replay_for(self, sl: slice, update_index: int, cols: slice = ALL) -> ReplaySource | None:
+        """Routes the training pass of micro-batch `sl` (columns `cols`) must use (None: the
+        router decides)."""
         if not self.layers:
             return None
         if self.cfg.routing_replay == "r3":
-            return self._rollout_replay(sl)
+            return self._rollout_replay(sl, cols)
         recorded = self._recorded.get((sl.start, sl.stop))
         if self.cfg.routing_replay == "r2" and recorded is not None:
             return ReplaySource.single(recorded)
         return None
 
     def observe_training_routes(
-        self, cap: RouterCapture | None, sl: slice, token_mask: torch.Tensor, update_index: int
+        self,
+        cap: RouterCapture | None,
+        sl: slice,
+        token_mask: torch.Tensor,
+        update_index: int,
+        cols: slice = ALL,
     ) -> None:
         """Drift of this training pass against the rollout routes and the previous update."""
         if cap is None or cap.num_calls == 0:
@@ -265,7 +274,7 @@ class RouterTools:
         used = cap.indices()
         own = cap.own_indices()
         if self.rollout_routes is not None and update_index == 0:
-            ref = self.rollout_routes[:, sl].reshape(self.num_layers, -1, self.top_k)
+            ref = self.rollout_routes[:, sl, cols].reshape(self.num_layers, -1, self.top_k)
             mask = token_mask & (ref[0, :, 0] >= 0)
             self._add_drift(
                 "moe/route_flip_rate_rollout_train", routing_drift(ref, used, mask)["flip_rate"]

@@ -15,6 +15,7 @@ import torch
 
 from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, token_logprobs
 from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
+from moepost.components.packing import without_trailing_padding_mask
 from moepost.components.router_tools import RouterTools
 from moepost.config.schema import Config
 from moepost.distributed import DistContext
@@ -38,11 +39,19 @@ class StepTensors:
     def num_rows(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def columns(self, idx: slice) -> slice:
+        """The columns rows `idx` use: leading columns that are padding in all of them are cut
+        (the completion block stays last, so completion logits keep their positions)."""
+        used = self.attention_mask[idx].any(dim=0).nonzero()
+        return slice(int(used[0]) if used.numel() else 0, None)
+
     def rows(self, idx: slice) -> dict[str, torch.Tensor]:
+        """Model inputs of rows `idx`, trimmed to `columns(idx)`."""
+        cols = self.columns(idx)
         return {
-            "input_ids": self.input_ids[idx],
-            "attention_mask": self.attention_mask[idx],
-            "position_ids": self.position_ids[idx],
+            "input_ids": self.input_ids[idx, cols],
+            "attention_mask": self.attention_mask[idx, cols],
+            "position_ids": self.position_ids[idx, cols],
         }
 
 
@@ -50,7 +59,9 @@ def completion_logits(
     model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_completion: int
 ) -> torch.Tensor:
     """[n, T, V] logits predicting the T completion tokens (only those positions computed)."""
-    out = model(**inputs, use_cache=False, logits_to_keep=num_completion + 1)
+    out = model(
+        **without_trailing_padding_mask(inputs), use_cache=False, logits_to_keep=num_completion + 1
+    )
     return out.logits[:, :-1]
 
 
@@ -73,7 +84,8 @@ def logprob_pass(
     ctx = model.disable_adapter() if disable_adapter else nullcontext()
     with ctx:
         for sl in micro_slices(t.num_rows, cfg.train.micro_batch_size):
-            record = router.record_routes(sl) if router is not None else nullcontext()
+            cols = t.columns(sl)
+            record = router.record_routes(sl, cols) if router is not None else nullcontext()
             with record:
                 logits = completion_logits(model, t.rows(sl), T)
             out[sl] = _logprobs(logits, t.completion_ids[sl], cfg)
@@ -81,9 +93,9 @@ def logprob_pass(
 
 
 def router_token_mask(t: StepTensors, sl: slice, cfg: Config) -> torch.Tensor:
-    """[n*S] bool, router row order: the tokens the aux loss and its counts use
-    (`moe.aux_loss_tokens`: every real token, or completion tokens only)."""
-    mask = t.attention_mask[sl].bool()
+    """[n*S'] bool over the `t.columns(sl)` the model sees, in router row order: the tokens the
+    aux loss and its counts use (`moe.aux_loss_tokens`: every real token, or completion only)."""
+    mask = t.attention_mask[sl, t.columns(sl)].bool()
     if cfg.moe.aux_loss_tokens == "completion":
         mask = mask.clone()
         mask[:, : mask.shape[1] - t.completion_ids.shape[1]] = False
@@ -138,7 +150,8 @@ def policy_update(
     if router.global_scope:
         with torch.no_grad():
             for sl in micro_slices(t.num_rows, cfg.train.micro_batch_size):
-                with router.capture(replay=router.replay_for(sl, update_index)) as cap:
+                replay = router.replay_for(sl, update_index, t.columns(sl))
+                with router.capture(replay=replay) as cap:
                     model(**t.rows(sl), use_cache=False, logits_to_keep=1)
                 router.add_step_counts(cap, router_token_mask(t, sl, cfg))
         router.reduce_step_counts(dist.all_reduce_sum)
@@ -148,7 +161,8 @@ def policy_update(
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
         mask = t.completion_mask[sl]
-        with router.capture(replay=router.replay_for(sl, update_index)) as cap:
+        cols = t.columns(sl)
+        with router.capture(replay=router.replay_for(sl, update_index, cols)) as cap:
             logits = completion_logits(model, t.rows(sl), T)
         logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
         bad = nonfinite_rows(logprobs.detach(), mask)
@@ -182,7 +196,8 @@ def policy_update(
         aux_mask = router_token_mask(t, sl, cfg)
         share = float(aux_mask.sum()) / max(step_tokens, 1.0)
         aux, aux_m = router.losses(cap, aux_mask, share=share)
-        router.observe_training_routes(cap, sl, t.attention_mask[sl].flatten().bool(), update_index)
+        real = t.attention_mask[sl, cols].flatten().bool()
+        router.observe_training_routes(cap, sl, real, update_index, cols)
         dist.backward(loss + aux if aux is not None else loss)
         n_tok = float(mask.sum())
         add("loss", float(loss.detach()), 1.0)

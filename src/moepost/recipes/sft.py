@@ -29,7 +29,12 @@ from moepost.components.model import (
     load_tokenizer,
     parameter_report,
 )
-from moepost.components.packing import collate_packed, collate_sft, pack_sft
+from moepost.components.packing import (
+    collate_packed,
+    collate_sft,
+    pack_sft,
+    without_trailing_padding_mask,
+)
 from moepost.components.router_tools import RouterTools
 from moepost.components.stability import drop_nonfinite_rows
 from moepost.config.schema import Config
@@ -161,7 +166,7 @@ def forward_loss(
     in the normaliser) and counted in `nonfinite_tokens`.
     """
     labels = batch.pop("labels")
-    logits = model(**batch, use_cache=False).logits
+    logits = model(**without_trailing_padding_mask(batch), use_cache=False).logits
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
     loss, metrics = sft_loss(logits, shifted, num_global_tokens=num_global_tokens)
     dropped = 0
