@@ -123,3 +123,31 @@ def test_auto_picks_moepost_grouped_on_cpu_and_explicit_choice_is_kept(
         cfg = ModelConfig(policy_name_or_path=path, experts_implementation=impl)
         assert load_policy(cfg, MiscConfig(), device=CPU).config._experts_implementation == impl
     assert experts.auto_experts_implementation(torch.device("cuda")) is None
+
+
+@pytest.mark.parametrize("arch", [*ARCHS, "gpt_oss"])
+def test_padded_bmm_path_without_grad_matches_grouped_mm(
+    arch: str, tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decode-sized batches without autograd go through the padded [E, m, H] bmm path."""
+    model = _load(arch, tiny_dirs).eval()
+    ids = torch.randint(10, 104, (4, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits
+        experts.register()
+        model.set_experts_implementation(experts.NAME)
+        taken: list[int] = []
+        padded = experts._padded_experts
+        monkeypatch.setattr(experts, "_padded_experts", lambda *a: taken.append(1) or padded(*a))
+        out = model(input_ids=ids, use_cache=False).logits
+    assert taken, "the padded path was not used"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_path_only_without_grad_and_for_few_rows_per_expert() -> None:
+    dense = torch.tensor([3, 1, 2, 5])
+    with torch.no_grad():
+        assert experts._use_padded(dense)
+        assert not experts._use_padded(torch.tensor([3, 0, 0, 0]))  # one expert of four hit
+        assert not experts._use_padded(torch.tensor([experts.PADDED_MAX_ROWS + 1, 1, 1, 1]))
+    assert not experts._use_padded(dense)  # autograd on: training keeps grouped GEMMs
