@@ -412,3 +412,28 @@ def machine_line(threads: int = NUM_THREADS) -> str:
         f"{torch.__version__}, transformers {transformers.__version__}, trl {trl_v}; "
         f"{threads} torch thread(s) per job" + (f"\n{warning}" if warning else "")
     )
+
+
+# ---------------------------------------------------------------- the `--before` side
+
+BEFORE = "moepost_grouped_mm"
+BEFORE_HELP = (
+    "also run moepost with model.experts_implementation=grouped_mm (transformers' kernel, "
+    "moepost before moepost_grouped) as a third alternating side"
+)
+BEFORE_HEAD = ["moepost, grouped_mm experts", "moepost/that"]
+
+
+def before_job(script: Path, p: dict[str, Any], workdir: Path) -> Callable[[int], ChildResult]:
+    """The `--before` side: moepost on transformers' grouped_mm experts."""
+    return lambda i: run_child(
+        script, "moepost", {**p, "experts": "grouped_mm"}, workdir / f"before_{i}"
+    )
+
+
+def before_cells(agg: dict[str, dict[str, Any]], key: str) -> list[Any]:
+    """The `--before` columns of one table row (none when that side did not run)."""
+    if BEFORE not in agg:
+        return []
+    mc = agg[BEFORE]["median"][key]
+    return [mc, ratio(agg["moepost"]["median"][key], mc)]

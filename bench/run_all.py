@@ -23,6 +23,7 @@ if __package__ in (None, ""):
 
 from bench import moe_layer, rl_vs_trl, sft_vs_trl  # noqa: E402
 from bench.common import (  # noqa: E402
+    BEFORE_HELP,
     NUM_THREADS,
     machine_line,
     markdown_table,
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help=f"torch threads per job (default auto: {NUM_THREADS}, or 1 on a busy machine)",
     )
-    parser.add_argument("--before", action="store_true", help=rl_vs_trl.BEFORE_HELP)
+    parser.add_argument("--before", action="store_true", help=BEFORE_HELP)
     args = parser.parse_args(argv)
     args.threads = resolve_threads(args.threads)
     runs = args.runs or (2 if args.quick else 3)

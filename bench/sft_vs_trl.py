@@ -24,10 +24,15 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
+    BEFORE,
+    BEFORE_HEAD,
+    BEFORE_HELP,
     CACHE,
     NUM_THREADS,
     ChildResult,
     alternate,
+    before_cells,
+    before_job,
     bench_model,
     chat_file,
     child_entry,
@@ -43,11 +48,6 @@ from bench.common import (  # noqa: E402
 )
 
 SCRIPT = Path(__file__).resolve()
-BEFORE = "moepost_grouped_mm"
-BEFORE_HELP = (
-    "also run moepost with model.experts_implementation=grouped_mm (transformers' kernel, "
-    "moepost before moepost_grouped) as a third alternating side"
-)
 
 
 def settings(quick: bool = False) -> dict[str, Any]:
@@ -254,13 +254,10 @@ def tables(agg: dict[str, dict[str, Any]], runs: int, p: dict[str, Any]) -> str:
     ):
         ma, mb = a["median"][key], b["median"][key]
         row = [label, ma, mb, ratio(ma, mb), spread(a["runs"][key]), spread(b["runs"][key])]
-        if BEFORE in agg:
-            mc = agg[BEFORE]["median"][key]
-            row += [mc, ratio(ma, mc)]
-        rows.append(row)
+        rows.append(row + before_cells(agg, key))
     head = ["SFT step", "moepost", "TRL", "moepost/TRL", "moepost runs", "TRL runs"]
     if BEFORE in agg:
-        head += ["moepost, grouped_mm experts", "moepost/that"]
+        head += BEFORE_HEAD
     return (
         f"{runs} alternating runs each, {p['steps']} steps per run, first {p['warmup']} left "
         "out of the timings\n" + markdown_table(head, rows)
@@ -289,10 +286,8 @@ def run(
         "moepost": lambda i: run_child(SCRIPT, "moepost", p, workdir / f"moepost_{i}"),
         "trl": lambda i: run_child(SCRIPT, "trl", p, workdir / f"trl_{i}"),
     }
-    if before:  # moepost on transformers' grouped_mm experts: the figure before moepost_grouped
-        jobs[BEFORE] = lambda i: run_child(
-            SCRIPT, "moepost", {**p, "experts": "grouped_mm"}, workdir / f"before_{i}"
-        )
+    if before:
+        jobs[BEFORE] = before_job(SCRIPT, p, workdir)
     results = alternate(jobs, runs, say)
     agg = {name: aggregate(res, warmup=p["warmup"]) for name, res in results.items()}
     text = tables(agg, runs, p)
