@@ -7,10 +7,7 @@ returned log-probs are exactly what the training pass recomputes (see `RolloutBa
 
 Row order everywhere is prompt-major: rows i*G .. i*G+G-1 belong to prompt i.
 
-Training layout (`build_training_tensors`): row = [left pad | prompt | completion | right pad].
-Prompts are left-padded to a common length P and completions right-padded to a common length T,
-so every completion starts at column P, S = P + T. Logits for completion positions P..P+T-1 come
-from positions P-1..P+T-2, i.e. `model(..., logits_to_keep=T + 1).logits[:, :-1]`.
+The training layout of the rows (`build_training_tensors`) is in `rollout_layout`.
 """
 
 from __future__ import annotations
@@ -25,6 +22,10 @@ from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from moepost.components.kv_cache import reserved_cache
+from moepost.components.rollout_layout import (  # noqa: F401 (build_training_tensors: re-export)
+    build_training_tensors,
+    real_positions,
+)
 from moepost.errors import UserError
 
 StepCallback = Callable[[int, str], None]
@@ -123,11 +124,6 @@ def _left_pad(
         input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
         attention_mask[i, width - len(p) :] = 1
     return input_ids.to(device), attention_mask.to(device)
-
-
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Position ids [B, S] counting only real tokens, so left padding does not shift RoPE."""
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def sample_tokens(
@@ -271,7 +267,7 @@ class HFRolloutEngine:
             "prefill",
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=_positions(attention_mask),
+            position_ids=real_positions(attention_mask),
             past_key_values=cache,
         )
         if self.share_prefix and group_size > 1:
@@ -377,44 +373,6 @@ class HFRolloutEngine:
             num_prompt_tokens=sum(len(p) for p in prompts),
             num_completion_tokens=sum(lengths),
         )
-
-
-def build_training_tensors(
-    prompt_ids: list[list[int]],
-    completion_ids: list[list[int]],
-    pad_token_id: int,
-    device: torch.device | str | None = None,
-) -> dict[str, Any]:
-    """Lay out N (prompt, completion) rows for the training forward (module docstring layout).
-
-    Returns input_ids [N, S], attention_mask [N, S], position_ids [N, S] (real tokens only, so
-    they match generation), completion_ids [N, T] (pad past each row's end), completion_mask
-    [N, T] float32, num_completion_positions T and prompt_length P, S = P + T.
-    Completion log-probs: logits = model(input_ids, attention_mask, position_ids,
-    logits_to_keep=T + 1).logits[:, :-1] -> [N, T, V], gathered at completion_ids.
-    """
-    if len(prompt_ids) != len(completion_ids):
-        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
-    n = len(prompt_ids)
-    p_len = max(len(p) for p in prompt_ids)
-    t_len = max((len(c) for c in completion_ids), default=0)
-    input_ids = torch.full((n, p_len + t_len), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((n, p_len + t_len), dtype=torch.long)
-    for i, (prompt, completion) in enumerate(zip(prompt_ids, completion_ids)):
-        row = torch.tensor(list(prompt) + list(completion), dtype=torch.long)
-        start = p_len - len(prompt)
-        input_ids[i, start : start + row.numel()] = row
-        attention_mask[i, start : start + row.numel()] = 1
-    completion_mask = attention_mask[:, p_len:].float()
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "position_ids": _positions(attention_mask).to(device),
-        "completion_ids": input_ids[:, p_len:].clone().to(device),
-        "completion_mask": completion_mask.to(device),
-        "num_completion_positions": t_len,
-        "prompt_length": p_len,
-    }
 
 
 def _vllm_engine(model: torch.nn.Module, tokenizer: Any, **kwargs: Any) -> RolloutEngine:

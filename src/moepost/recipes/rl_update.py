@@ -1,8 +1,9 @@
 """The training side of one RL step: log-prob passes and the micro-batched policy update.
 
 Kept apart from `rl.py` so the loop there reads as its phases. Row layout (from
-`components.rollout.build_training_tensors`): [left pad | prompt | completion | right pad], the
-completion block starting at a common column P, so only the last T+1 positions need logits.
+`components.rollout_layout.build_training_tensors`): [left pad | prompt | completion |
+right pad], the completion block starting at a common column P, so only the last T+1 positions
+need logits.
 """
 
 from __future__ import annotations
@@ -230,7 +231,7 @@ def policy_update(
 def tensors_for_step(
     batch: Any, advantages: torch.Tensor, pad_token_id: int, device: torch.device
 ) -> StepTensors:
-    from moepost.components.rollout import build_training_tensors
+    from moepost.components.rollout_layout import build_training_tensors
 
     lay = build_training_tensors(batch.prompt_ids, batch.completion_ids, pad_token_id, device)
     T = lay["num_completion_positions"]
