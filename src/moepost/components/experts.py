@@ -4,8 +4,8 @@ transformers v5 runs every MoE block's experts through a pluggable function
 (`ALL_EXPERTS_FUNCTIONS`, chosen by `config._experts_implementation`). Its `grouped_mm`
 function gathers the (token, expert) pairs with advanced indexing, multiplies by the routing
 weights, un-permutes with a second gather, and sums the top-k rows. On CPU each advanced-index
-gather costs an `index_put_(accumulate=True)` in backward, which was ~10% of a training step on
-the bench model (docs/benchmarks.md).
+gather costs an `index_put_(accumulate=True)` in backward, 8% of a forward+backward of the
+bench model in `torch.profiler` (docs/benchmarks.md).
 
 `moepost_grouped` computes the same sum with the same two grouped matmuls, but gathers with
 `index_select` and scatters the weighted rows straight back with `index_add_` (no second
@@ -16,8 +16,8 @@ deterministic on CUDA (atomics), so "auto" picks it on CPU only.
 Without autograd and with few rows per expert (decode steps, small evaluation batches) the
 pairs are instead laid out as [E, m, H] (m = most rows any expert got, zero-padded) and each
 projection is one `torch.bmm`: on CPU `_grouped_mm` runs one small GEMM per expert, and at
-16 tokens x top-4 of 32 experts that took 1.8 ms per layer where the padded bmm takes 1.4 ms
-(2.5 vs 1.5 ms at 32 tokens; it loses above ~64 rows per expert and when few experts are hit).
+16 tokens x top-4 of 32 experts one layer's experts took 1.39 ms where the padded bmm takes
+0.93 ms (docs/benchmarks.md); it loses above ~64 rows per expert and when few experts are hit.
 """
 
 from __future__ import annotations
@@ -121,9 +121,14 @@ def register() -> None:
         ALL_EXPERTS_FUNCTIONS.register(NAME, sorted_experts_forward)
 
 
+def _base(model: nn.Module) -> Any:
+    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def supports_experts_implementation(model: nn.Module) -> bool:
     """True when the model's MoE blocks dispatch through transformers' experts interface."""
-    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     config = getattr(base, "config", None)
     if getattr(config, "_experts_implementation", None) is None:
         return False
@@ -133,7 +138,7 @@ def supports_experts_implementation(model: nn.Module) -> bool:
 
 def experts_in_use(model: nn.Module) -> str | None:
     """The model's current `experts_implementation`, None when it has no pluggable experts."""
-    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     if not supports_experts_implementation(model):
         return None
     return str(base.config._experts_implementation)
@@ -149,7 +154,7 @@ def apply_experts_implementation(model: nn.Module, requested: str, device: torch
     in use ("n/a" for a model without pluggable experts)."""
     if not supports_experts_implementation(model):
         return "n/a"
-    base: Any = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = _base(model)
     name = auto_experts_implementation(device) if requested == "auto" else requested
     if name == NAME:
         register()
