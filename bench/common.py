@@ -7,6 +7,7 @@ caches, threads and allocator state never leak into the other's figures.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -424,11 +425,48 @@ BEFORE_HELP = (
 BEFORE_HEAD = ["moepost, grouped_mm experts", "moepost/that"]
 
 
-def before_job(script: Path, p: dict[str, Any], workdir: Path) -> Callable[[int], ChildResult]:
-    """The `--before` side: moepost on transformers' grouped_mm experts."""
-    return lambda i: run_child(
-        script, "moepost", {**p, "experts": "grouped_mm"}, workdir / f"before_{i}"
+def side_jobs(
+    script: Path, p: dict[str, Any], workdir: Path, before: bool
+) -> dict[str, Callable[[int], ChildResult]]:
+    """The alternating sides of a moepost-vs-TRL benchmark, run i of each in its own folder;
+    with `before`, also moepost on transformers' grouped_mm experts (the `--before` side)."""
+    jobs = {
+        "moepost": lambda i: run_child(script, "moepost", p, workdir / f"moepost_{i}"),
+        "trl": lambda i: run_child(script, "trl", p, workdir / f"trl_{i}"),
+    }
+    if before:
+        grouped = {**p, "experts": "grouped_mm"}
+        jobs[BEFORE] = lambda i: run_child(script, "moepost", grouped, workdir / f"before_{i}")
+    return jobs
+
+
+def aggregate(
+    runs: list[ChildResult], figures: Callable[[ChildResult], dict[str, float]]
+) -> dict[str, Any]:
+    """Median over runs of each per-run figure, plus each figure's per-run values."""
+    per_run = [figures(r) for r in runs]
+    keys = per_run[0].keys()
+    return {
+        "median": {k: median([f[k] for f in per_run]) for k in keys},
+        "runs": {k: [f[k] for f in per_run] for k in keys},
+    }
+
+
+def parse_side_args(doc: str, quick_help: str, argv: list[str] | None) -> argparse.Namespace:
+    """The command line of a moepost-vs-TRL benchmark (threads resolved, machine line printed)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--threads",
+        default="auto",
+        help=f"torch threads per job (default auto: {NUM_THREADS}, or 1 on a busy machine)",
     )
+    parser.add_argument("--before", action="store_true", help=BEFORE_HELP)
+    args = parser.parse_args(argv)
+    args.threads = resolve_threads(args.threads)
+    print(machine_line(args.threads))
+    return args
 
 
 def before_cells(agg: dict[str, dict[str, Any]], key: str) -> list[Any]:

@@ -13,7 +13,6 @@ in its own process; the first step of each run is warm-up and left out of the me
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -26,24 +25,22 @@ if __package__ in (None, ""):
 from bench.common import (  # noqa: E402
     BEFORE,
     BEFORE_HEAD,
-    BEFORE_HELP,
     CACHE,
     NUM_THREADS,
     ChildResult,
+    aggregate,
     alternate,
     before_cells,
-    before_job,
     bench_model,
     child_entry,
     gsm8k_file,
-    machine_line,
     markdown_table,
     median,
     parameter_counts,
+    parse_side_args,
     peak_gpu_mb,
     ratio,
-    resolve_threads,
-    run_child,
+    side_jobs,
     spread,
 )
 
@@ -307,16 +304,6 @@ def run_figures(res: ChildResult, warmup: int) -> dict[str, float]:
     }
 
 
-def aggregate(runs: list[ChildResult], warmup: int) -> dict[str, Any]:
-    """Median over runs of each per-run figure, plus each figure's per-run values."""
-    per_run = [run_figures(r, warmup) for r in runs]
-    keys = per_run[0].keys()
-    return {
-        "median": {k: median([f[k] for f in per_run]) for k in keys},
-        "runs": {k: [f[k] for f in per_run] for k in keys},
-    }
-
-
 def tables(agg: dict[str, dict[str, Any]], runs: int, steps: int) -> str:
     a, b = agg["moepost"], agg["trl"]
     rows = []
@@ -364,32 +351,15 @@ def run(
         f"active), {p['prompts_per_step']} prompts x G={p['group_size']}, "
         f"max_new_tokens {p['max_new_tokens']}, micro-batch {p['micro_batch_size']}"
     )
-    jobs = {
-        "moepost": lambda i: run_child(SCRIPT, "moepost", p, workdir / f"moepost_{i}"),
-        "trl": lambda i: run_child(SCRIPT, "trl", p, workdir / f"trl_{i}"),
-    }
-    if before:
-        jobs[BEFORE] = before_job(SCRIPT, p, workdir)
-    results = alternate(jobs, runs, say)
-    agg = {name: aggregate(res, warmup=1) for name, res in results.items()}
+    results = alternate(side_jobs(SCRIPT, p, workdir, before), runs, say)
+    agg = {name: aggregate(res, lambda r: run_figures(r, 1)) for name, res in results.items()}
     text = tables(agg, runs, p["steps"])
     say(text)
     return {"settings": p, "params": counts, "figures": agg, "table": text}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="3 steps per run instead of 6")
-    parser.add_argument(
-        "--threads",
-        default="auto",
-        help=f"torch threads per job (default auto: {NUM_THREADS}, or 1 on a busy machine)",
-    )
-    parser.add_argument("--before", action="store_true", help=BEFORE_HELP)
-    args = parser.parse_args(argv)
-    args.threads = resolve_threads(args.threads)
-    print(machine_line(args.threads))
+    args = parse_side_args(__doc__, "3 steps per run instead of 6", argv)
     run(args.runs, args.quick, threads=args.threads, before=args.before)
     return 0
 
