@@ -15,6 +15,7 @@ from moepost.components.packing import (
     collate_sft,
     pack_sft,
     packed_mask_for,
+    split_to_count,
     without_trailing_padding_mask,
 )
 
@@ -155,6 +156,24 @@ def test_batch_by_tokens() -> None:
     assert batch_by_tokens([], 10) == []
     with pytest.raises(ValueError, match="max_tokens"):
         batch_by_tokens([1], 0)
+
+
+def test_split_to_count_halves_the_costliest_group() -> None:
+    lengths = [10, 10, 10, 10, 3, 3, 2]
+    # Costs: [0..3] 4 x 10 = 40, [4, 5] 6, [6] 2. The first split halves the 40 one.
+    assert split_to_count([[0, 1, 2, 3], [4, 5], [6]], lengths, 4) == [
+        [0, 1],
+        [2, 3],
+        [4, 5],
+        [6],
+    ]
+    # Next: [0, 1] and [2, 3] cost 20 each (first wins), then [2, 3], then [4, 5] (6).
+    assert split_to_count([[0, 1, 2, 3], [4, 5], [6]], lengths, 7) == [[i] for i in range(7)]
+    assert split_to_count([[0], [1]], lengths, 2) == [[0], [1]]
+    with pytest.raises(ValueError, match="cannot make 8 groups"):
+        split_to_count([[0, 1, 2, 3], [4, 5], [6]], lengths, 8)
+    with pytest.raises(ValueError, match="cannot make 1 groups"):
+        split_to_count([[0], [1]], lengths, 1)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

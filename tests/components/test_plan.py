@@ -188,6 +188,11 @@ def test_rl_kv_cache_reference_and_activations(tiny: Path) -> None:
     assert ckpt["activations_bytes"] == tokens * (2 * 32 + 548) * 4  # layer inputs + one layer
     # logits for T + 1 = 9 positions of 2 rows: bf16/fp32 logits + grad, one float32 chunk x 2
     assert gspo["logits_bytes"] == 2 * 9 * 104 * (2 * 4) + 2 * 9 * 104 * 8
+    # A token budget of 50 fits 3 full rows of 16 tokens: the worst micro-batch is 3 x 16.
+    budget = estimate_memory(conf, _cfg(tiny, *rl, "train.micro_batch_tokens=50", stage="rl"), 1)
+    assert budget["activations_bytes"] == 3 * 16 * 2 * 548 * 4
+    alone = estimate_memory(conf, _cfg(tiny, *rl, "train.micro_batch_tokens=10", stage="rl"), 1)
+    assert alone["activations_bytes"] == 1 * 16 * 2 * 548 * 4  # a row longer than the budget
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from moepost.components.rollout import build_training_tensors
 from moepost.components.router_tools import RouterTools
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
-from moepost.recipes.rl_update import StepTensors, policy_update
+from moepost.recipes.rl_update import StepTensors, plan_micro_batches, policy_update
 
 GROUP = 2
 NUM_PROMPTS = 4  # 8 rows: 4 per rank, 2 micro-batches of 2 per rank
@@ -73,7 +73,11 @@ def step_tensors(
 def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
     """Max |grad difference| and the losses, 2 ranks vs 1 process, per aggregation."""
     out: dict[str, Any] = {}
-    for algorithm in ("gspo", "grpo", "dr_grpo"):
+    # gspo_tokens: a token budget of 18 gives rank 0 two micro-batches and rank 1 three, so
+    # rank 0 must split one of its own to run as many forwards as rank 1.
+    cases = {"gspo": [], "grpo": [], "dr_grpo": [], "gspo_tokens": ["train.micro_batch_tokens=18"]}
+    for name, extra in cases.items():
+        algorithm = name.removesuffix("_tokens")
         cfg = load_config(
             rl_cfg_path,
             [
@@ -82,6 +86,7 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
                 "moe.aux_loss_scope=global",
                 "moe.routing_replay=none",
                 "train.micro_batch_size=2",
+                *extra,
             ],
         )
         prompts, completions, adv = rows(seed=11)
@@ -99,6 +104,8 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
         per = len(prompts) // world
         mine = slice(rank * per, (rank + 1) * per)  # whole groups: GROUP divides per
         local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
+        alone = len(plan_micro_batches(local, cfg))
+        local.micro_batches = plan_micro_batches(local, cfg, ctx)
         m_dp = policy_update(train_model, local, cfg, router, update_index=0, dist=ctx)
         grads = dict(reference.named_parameters())
         diff = max(
@@ -106,7 +113,10 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
             for name, p in model.named_parameters()
             if p.grad is not None
         )
-        out[algorithm] = {
+        counts = [None] * world
+        tdist.all_gather_object(counts, (alone, len(local.micro_batches)))
+        out[name] = {
+            "micro_batches": counts,  # per rank: (on its own, run)
             "grad_max_diff": diff,
             "grad_max": max(float(p.grad.abs().max()) for p in reference.parameters()),
             "loss": [m_ref["loss"], m_dp["loss"]],
@@ -133,6 +143,7 @@ def collectives_check(rank: int) -> dict[str, Any]:
         "seed": ctx.sampling_seed(7),
         "broadcast": ctx.broadcast_object({"from": rank}),
         "world": ctx.world_size,
+        "max_int": ctx.max_int(3 * rank + 2),
     }
 
 

@@ -117,12 +117,17 @@ def test_rl_ddp_two_ranks_complete(driver: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["gspo", "grpo", "dr_grpo"])
+@pytest.mark.parametrize("algorithm", ["gspo", "grpo", "dr_grpo", "gspo_tokens"])
 def test_rl_update_two_ranks_match_one_process(driver: dict[str, Any], algorithm: str) -> None:
     """policy_update on 2 ranks x 2 groups (DDP) == 1 process x 4 groups: gradients, loss,
     KL, clip fraction and the global-scope aux loss (normalisers and counts all-reduced).
-    The three presets cover seq-mean-token-mean, token-mean and seq-mean-token-sum-norm."""
+    The three presets cover seq-mean-token-mean, token-mean and seq-mean-token-sum-norm;
+    gspo_tokens uses a token budget under which the ranks need 2 and 3 micro-batches."""
     r = driver["rl_update"][algorithm]
+    if algorithm == "gspo_tokens":
+        assert r["micro_batches"] == [[2, 3], [3, 3]]  # rank 0 split one to match rank 1
+    else:
+        assert r["micro_batches"] == [[2, 2], [2, 2]]
     assert r["grad_max"] > 1e-3  # the check is not vacuous
     assert r["grad_max_diff"] < 1e-6 * max(1.0, r["grad_max"])
     for key in ("loss", "kl", "clip_frac", "aux_loss"):
@@ -142,6 +147,7 @@ def test_collectives_two_ranks(driver: dict[str, Any]) -> None:
     assert rank0["shard"] == [0, 1, 2] and rank1["shard"] == [3, 4, 5]
     assert rank0["seed"] == 7 and rank1["seed"] == 7 + 1_000_003
     assert rank1["broadcast"] == {"from": 0}
+    assert rank0["max_int"] == rank1["max_int"] == 5  # max(2, 5)
 
 
 @pytest.mark.slow

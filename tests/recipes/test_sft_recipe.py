@@ -89,6 +89,31 @@ def test_accumulation_equivalence(tiny_model: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=1e-5)
 
 
+def test_token_budget_micro_batches_equal_row_micro_batches(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """train.micro_batch_tokens regroups a step's examples (longest first, as many as fit the
+    budget); the loss is normalised over the whole step, so losses and weights stay those of
+    row micro-batches (aux loss off: a per-micro-batch statistic)."""
+    rows = format_rows("messages", n=16)
+    for i, row in enumerate(rows):  # lengths that differ, so the budget groups unevenly
+        row["messages"][1]["content"] += " ok" * (i % 5)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    runs = {}
+    for name, train in (("rows", {"micro_batch_size": 4}), ("tokens", {"micro_batch_tokens": 90})):
+        out = tmp_path / name
+        cfg = sft_config(tiny_model, data, out, train=train, moe={"router_aux_loss_coef": 0.0})
+        run_sft(make_config(cfg))
+        log = [r for r in read_log(out) if "loss" in r]
+        runs[name] = (log, _final_weights(out))
+    (rows_log, w1), (tok_log, w2) = runs["rows"], runs["tokens"]
+    assert [r["train/micro_batches"] for r in rows_log] == [1, 1, 1]
+    assert all(r["train/micro_batches"] >= 2 for r in tok_log), tok_log
+    assert [r["loss"] for r in tok_log] == pytest.approx([r["loss"] for r in rows_log], rel=1e-5)
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=1e-5)
+
+
 def test_global_aux_scope_makes_accumulation_exact_with_aux_on(
     tiny_model: Path, tmp_path: Path
 ) -> None:

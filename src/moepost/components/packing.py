@@ -217,6 +217,31 @@ def batch_by_tokens(
     return batches
 
 
+def split_to_count(
+    groups: Sequence[Sequence[int]], lengths: Sequence[int], count: int
+) -> list[list[int]]:
+    """Split the group with the largest padded size (rows * longest) in two, keeping order,
+    until there are `count` groups.
+
+    Ranks of a data-parallel job must run the same number of forward passes (DDP syncs buffers
+    and FSDP / ZeRO-3 gather weights in every forward), so a rank whose token budget gives
+    fewer micro-batches than another splits some of its own. `lengths` is indexed by the ids
+    in `groups`.
+    """
+    out = [list(g) for g in groups]
+    rows = sum(len(g) for g in out)
+    if count < len(out) or count > rows:
+        raise ValueError(f"split_to_count: cannot make {count} groups of {len(out)} ({rows} rows)")
+    while len(out) < count:
+        i = max(
+            (j for j, g in enumerate(out) if len(g) > 1),
+            key=lambda j: len(out[j]) * max(lengths[k] for k in out[j]),
+        )
+        half = len(out[i]) // 2
+        out[i : i + 1] = [out[i][:half], out[i][half:]]
+    return out
+
+
 def without_trailing_padding_mask(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop a 2-D attention_mask whose padding is only at the end of each row.
 

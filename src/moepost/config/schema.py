@@ -146,6 +146,9 @@ class TrainConfig:
     prompts_per_step: int = 8
     batch_size: int = 8
     micro_batch_size: int = 1
+    # > 0: micro-batches hold as many rows as fit this many padded tokens (replaces
+    # micro_batch_size); verl's use_dynamic_bsz + ppo_max_token_len_per_gpu
+    micro_batch_tokens: int = 0
     gradient_accumulation_steps: int | None = None
     eval_every: int = 0
     save_every: int = 0

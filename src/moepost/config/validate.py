@@ -67,7 +67,17 @@ def _check_train(cfg: Config) -> None:
     t = cfg.train
     if t.micro_batch_size < 1:
         raise UserError(f"train.micro_batch_size = {t.micro_batch_size}: must be >= 1")
-    if cfg.stage == "sft":
+    if t.micro_batch_tokens < 0:
+        raise UserError(
+            f"train.micro_batch_tokens = {t.micro_batch_tokens}: expected 0 (micro-batches of "
+            "train.micro_batch_size rows) or a token budget per micro-batch"
+        )
+    if t.micro_batch_tokens and t.gradient_accumulation_steps is not None:
+        raise UserError(
+            "train.gradient_accumulation_steps and train.micro_batch_tokens both set the "
+            "micro-batches; with a token budget their number follows the lengths, so drop one"
+        )
+    if cfg.stage == "sft" and not t.micro_batch_tokens:
         accum = t.gradient_accumulation_steps
         if accum is not None and t.micro_batch_size * accum != t.batch_size:
             raise UserError(
@@ -101,7 +111,7 @@ def _check_rl(cfg: Config) -> None:
             "least 2 samples per prompt"
         )
     rows = cfg.train.prompts_per_step * g
-    if rows % cfg.train.micro_batch_size:
+    if rows % cfg.train.micro_batch_size and not cfg.train.micro_batch_tokens:
         raise UserError(
             f"train.prompts_per_step ({cfg.train.prompts_per_step}) x "
             f"generation.num_samples_per_prompt ({g}) = {rows} must be divisible by "
@@ -144,16 +154,18 @@ def _check_misc(cfg: Config) -> None:
 def _check_data_parallel(cfg: Config, world_size: int) -> None:
     """Each rank takes an equal share of a step (`world_size` from the launcher's WORLD_SIZE)."""
     t = cfg.train
-    if world_size > 1 and cfg.stage == "sft" and t.batch_size % (world_size * t.micro_batch_size):
+    rows = 1 if t.micro_batch_tokens else t.micro_batch_size  # a token budget splits any rows
+    per = "" if t.micro_batch_tokens else f" x train.micro_batch_size ({t.micro_batch_size})"
+    if world_size > 1 and cfg.stage == "sft" and t.batch_size % (world_size * rows):
         raise UserError(
             f"train.batch_size ({t.batch_size}) must be divisible by the world size "
-            f"({world_size}) x train.micro_batch_size ({t.micro_batch_size}): each rank takes "
+            f"({world_size}){per}: each rank takes "
             f"batch_size / {world_size} examples per step in whole micro-batches"
         )
     if world_size > 1 and cfg.stage == "rl":
         g = cfg.generation.num_samples_per_prompt
         per_rank = t.prompts_per_step // world_size
-        if t.prompts_per_step % world_size or (per_rank * g) % t.micro_batch_size:
+        if t.prompts_per_step % world_size or (per_rank * g) % rows:
             raise UserError(
                 f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by the world "
                 f"size ({world_size}), and each rank's rows (prompts_per_step / {world_size} x "

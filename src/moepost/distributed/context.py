@@ -92,6 +92,14 @@ class DistContext:
         summed = self.all_reduce_sum(torch.tensor([float(v) for v in values], dtype=torch.float64))
         return summed.tolist()
 
+    def max_int(self, value: int) -> int:
+        """The largest of one integer over ranks."""
+        if not self.active or self.world_size == 1:
+            return int(value)
+        buf = torch.tensor([int(value)], dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        return int(buf.item())
+
     def _union_keys(self, metrics: dict[str, Any]) -> list[str]:
         """Sorted union of every rank's numeric keys (a rank may lack a metric, e.g. a drift
         value that was non-finite there), so every rank reduces the same vector."""

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import torch
 from moepost.components import checkpoint as ckpt
 from moepost.components.logging import RunLogger, truncate_log_after
 from moepost.components.optim import MasterWeights, build_optimizer, build_scheduler
+from moepost.components.packing import batch_by_tokens, split_to_count
 from moepost.components.stability import GradientPipeline, inject_test_faults
 from moepost.config.load import config_to_dict, write_resolved_config
 from moepost.config.schema import Config
@@ -271,5 +273,24 @@ def take_examples(state: TrainState, n_total: int, count: int, seed: int) -> lis
     return out
 
 
-def chunks(items: list[Any], size: int) -> list[list[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def micro_batch_groups(
+    lengths: Sequence[int], cfg: Config, *, longest_first: bool, dist: Any = None
+) -> list[list[int]]:
+    """Row ids of each micro-batch of one step (this rank's rows; `lengths` in tokens).
+
+    `train.micro_batch_tokens` = 0: `train.micro_batch_size` consecutive rows each. Otherwise as
+    many rows as fit `micro_batch_tokens` padded tokens (rows x longest row; a longer row gets a
+    micro-batch of its own), so short rows share a forward and long ones do not run out of
+    memory. `longest_first` sorts the rows first (SFT: less padding, and the peak memory shows
+    at the first micro-batch); RL keeps its row order, which routing replay indexes. With
+    `dist`, every rank runs as many micro-batches as the rank that needs most.
+    """
+    n = len(lengths)
+    budget = cfg.train.micro_batch_tokens
+    if budget <= 0:
+        size = cfg.train.micro_batch_size
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+    order = sorted(range(n), key=lambda i: -lengths[i]) if longest_first else list(range(n))
+    groups = [[order[j] for j in g] for g in batch_by_tokens([lengths[i] for i in order], budget)]
+    count = dist.max_int(len(groups)) if dist is not None else len(groups)
+    return split_to_count(groups, lengths, count)

@@ -67,7 +67,13 @@ from moepost.recipes.common import (
     take_examples,
 )
 from moepost.recipes.evaluate import evaluate_generation
-from moepost.recipes.rl_update import StepTensors, logprob_pass, policy_update, tensors_for_step
+from moepost.recipes.rl_update import (
+    StepTensors,
+    logprob_pass,
+    plan_micro_batches,
+    policy_update,
+    tensors_for_step,
+)
 
 
 def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -> dict[str, Any]:
@@ -110,6 +116,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         engine_sync_if_noisy(engine, model, sigma)
         advantages, adv_metrics = compute_advantages(scores, batch, cfg)
         tensors = tensors_for_step(batch, advantages, tokenizer.pad_token_id, device)
+        tensors.micro_batches = plan_micro_batches(tensors, cfg, dist)
         width, num_completion = tensors.input_ids.shape[1], tensors.completion_ids.shape[1]
         router.set_rollout_routes(batch.routes, batch.prompt_ids, width, width - num_completion)
         t_update = time.perf_counter()

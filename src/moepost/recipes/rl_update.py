@@ -9,7 +9,7 @@ need logits.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -20,6 +20,7 @@ from moepost.components.packing import without_trailing_padding_mask
 from moepost.components.router_tools import RouterTools
 from moepost.config.schema import Config
 from moepost.distributed import DistContext
+from moepost.recipes.common import micro_batch_groups
 
 
 @dataclass
@@ -35,6 +36,8 @@ class StepTensors:
     rollout_logprobs: torch.Tensor  # [N, T] from the engine
     old_logprobs: torch.Tensor | None = None  # [N, T]
     ref_logprobs: torch.Tensor | None = None  # [N, T]
+    # Row slices of the step's micro-batches (`plan_micro_batches`); empty: micro_batch_size rows
+    micro_batches: list[slice] = field(default_factory=list)
 
     @property
     def num_rows(self) -> int:
@@ -66,8 +69,19 @@ def completion_logits(
     return out.logits[:, :-1]
 
 
-def micro_slices(num_rows: int, size: int) -> list[slice]:
-    return [slice(i, min(i + size, num_rows)) for i in range(0, num_rows, size)]
+def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = None) -> list[slice]:
+    """Consecutive row slices: `train.micro_batch_size` rows each, or as many rows as fit
+    `train.micro_batch_tokens` padded tokens, a row costing its width after the shared left-pad
+    cut (`columns`). Rows keep their order: routing replay indexes them. With `dist`, every rank
+    runs as many micro-batches as the rank that needs most."""
+    first = t.attention_mask.int().argmax(dim=1)  # each row's first real column
+    widths = (t.attention_mask.shape[1] - first).tolist()
+    groups = micro_batch_groups(widths, cfg, longest_first=False, dist=dist)
+    return [slice(g[0], g[-1] + 1) for g in groups]
+
+
+def micro_slices(t: StepTensors, cfg: Config) -> list[slice]:
+    return t.micro_batches or plan_micro_batches(t, cfg)
 
 
 @torch.no_grad()
@@ -84,7 +98,7 @@ def logprob_pass(
     out = torch.zeros_like(t.completion_mask)
     ctx = model.disable_adapter() if disable_adapter else nullcontext()
     with ctx:
-        for sl in micro_slices(t.num_rows, cfg.train.micro_batch_size):
+        for sl in micro_slices(t, cfg):
             cols = t.columns(sl)
             record = router.record_routes(sl, cols) if router is not None else nullcontext()
             with record:
@@ -150,7 +164,7 @@ def policy_update(
 
     if router.global_scope:
         with torch.no_grad():
-            for sl in micro_slices(t.num_rows, cfg.train.micro_batch_size):
+            for sl in micro_slices(t, cfg):
                 replay = router.replay_for(sl, update_index, t.columns(sl))
                 with router.capture(replay=replay) as cap:
                     model(**t.rows(sl), use_cache=False, logits_to_keep=1)
@@ -158,7 +172,7 @@ def policy_update(
         router.reduce_step_counts(dist.all_reduce_sum)
     nonfinite = 0
     step_tokens = dist.sum_floats([float(router_token_mask(t, slice(None), cfg).sum())])[0]
-    slices = micro_slices(t.num_rows, cfg.train.micro_batch_size)
+    slices = micro_slices(t, cfg)
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
         mask = t.completion_mask[sl]
@@ -225,6 +239,7 @@ def policy_update(
     if update_index == 0:
         out["logprob_gap/max"] = sums.get("logprob_gap/max", 0.0)
     out["stability/nonfinite_tokens"] = float(nonfinite)
+    out["train/micro_batches"] = float(len(slices))
     return out
 
 

@@ -48,10 +48,10 @@ from moepost.recipes.common import (
     Optimization,
     Run,
     TrainState,
-    chunks,
     crash_for_test,
     finish_run,
     maybe_resume,
+    micro_batch_groups,
     open_run,
     reset_logs,
     save,
@@ -198,7 +198,9 @@ def train_step(
     """
     dist = dist or DistContext(device=device)
     model.train()
-    micro = [collate(c, cfg, pad_token_id) for c in chunks(examples, cfg.train.micro_batch_size)]
+    lengths = [len(ex.input_ids) for ex in examples]
+    groups = micro_batch_groups(lengths, cfg, longest_first=True, dist=dist)
+    micro = [collate([examples[i] for i in g], cfg, pad_token_id) for g in groups]
     masks = [_token_mask(b, cfg.moe.aux_loss_tokens) for b in micro]
     local_counts = [sum(_num_targets(b) for b in micro), sum(int(m.sum()) for m in masks)]
     num_targets, num_inputs = (int(n) for n in dist.sum_floats(local_counts))
@@ -226,6 +228,7 @@ def train_step(
         "num_tokens": num_targets,
         "num_input_tokens": num_inputs,
         "stability/nonfinite_tokens": nonfinite,
+        "train/micro_batches": len(micro),
     }
     if router.aux_enabled:
         out["aux_loss"] = aux_sum
@@ -271,8 +274,9 @@ def evaluate(
     model.eval()
     loss_sum = correct = 0.0
     count = 0
-    for chunk in chunks(examples, max(1, cfg.train.micro_batch_size)):
-        batch = _to_device(collate_sft(chunk, pad_id), device)
+    lengths = [len(ex.input_ids) for ex in examples]
+    for group in micro_batch_groups(lengths, cfg, longest_first=True):
+        batch = _to_device(collate_sft([examples[i] for i in group], pad_id), device)
         _, m = forward_loss(model, batch, 1)
         loss_sum += float(m["loss_sum"])
         correct += float(m["token_accuracy"]) * float(m["num_tokens"])

@@ -258,13 +258,18 @@ def _shard_factors(cfg: Config, gpus: int) -> tuple[int, int, int]:
 
 
 def _lengths(cfg: Config) -> dict[str, int]:
-    """Rows and tokens of one training micro-batch and of one generation chunk."""
-    rows = cfg.train.micro_batch_size
-    if cfg.stage == "sft":
-        seq = cfg.data.max_seq_length
-        return {"rows": rows, "seq": seq, "logit_positions": seq, "gen_rows": 0, "gen_seq": 0}
+    """Rows and tokens of one training micro-batch and of one generation chunk.
+
+    Under `train.micro_batch_tokens` the worst micro-batch is as many full-length rows as fit
+    the budget, or one row when a row alone is longer."""
     gen = cfg.generation
-    seq = cfg.data.max_prompt_length + gen.max_new_tokens
+    seq = cfg.data.max_seq_length
+    if cfg.stage == "rl":
+        seq = cfg.data.max_prompt_length + gen.max_new_tokens
+    budget = cfg.train.micro_batch_tokens
+    rows = max(1, budget // seq) if budget else cfg.train.micro_batch_size
+    if cfg.stage == "sft":
+        return {"rows": rows, "seq": seq, "logit_positions": seq, "gen_rows": 0, "gen_seq": 0}
     gen_rows = gen.micro_batch_size or cfg.train.prompts_per_step * gen.num_samples_per_prompt
     return {
         "rows": rows,
