@@ -132,32 +132,46 @@ def test_trimmed_pad_columns_change_nothing_under_r3(
     assert rows["trimmed"][0]["moe/route_flip_rate_rollout_train"] == 0.0
 
 
-def test_token_budget_micro_batches_change_nothing_under_r3(
-    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+VARIANTS = {
+    "tokens": ({"micro_batch_tokens": 100}, {}),
+    "packed": ({"micro_batch_size": 4}, {"packing": True}),
+    "packed_tokens": ({"micro_batch_tokens": 150}, {"packing": True}),
+}
+
+
+@pytest.mark.parametrize("replay", ["r3", "r2"])
+def test_token_budget_and_packing_change_nothing(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replay: str
 ) -> None:
-    """train.micro_batch_tokens cuts the step's rows into consecutive slices of varying size:
-    losses, KL, gaps and R3 replay equal one micro-batch of all rows (aux scope global, so the
-    aux loss does not depend on the split either)."""
+    """train.micro_batch_tokens cuts the step's rows into consecutive slices of varying size,
+    and data.packing runs each micro-batch as one padding-free row: losses, KL, aux loss,
+    entropy, gaps and routing replay (R3 from the rollout; R2 from the old-policy pass, over two
+    updates) equal one padded micro-batch of all rows (aux scope global, so the aux loss does
+    not depend on the split either)."""
     _perturbed_rollout_routers(monkeypatch, scale=0.5)
     rows_in = format_rows("gsm8k", n=12)
     for i, row in enumerate(rows_in):  # prompts of clearly different lengths
         row["question"] = "Please answer. " * (i % 3) + row["question"]
-    data = write_jsonl(tmp_path / "d.jsonl", rows_in)
+    data_file = write_jsonl(tmp_path / "d.jsonl", rows_in)
     logs = {}
-    for name, train in (("rows", {"micro_batch_size": 8}), ("tokens", {"micro_batch_tokens": 100})):
+    rl = {"kl_coef": 0.1, "num_policy_updates": 2 if replay == "r2" else 1}
+    moe = {"routing_replay": replay, "aux_loss_scope": "global"}
+    for name, (train, data_cfg) in {"rows": ({"micro_batch_size": 8}, {}), **VARIANTS}.items():
         out = tmp_path / name
-        moe = {"routing_replay": "r3", "aux_loss_scope": "global"}
-        cfg = rl_config(tiny_model, data, out, moe=moe, rl={"kl_coef": 0.1}, train=train)
+        cfg = rl_config(tiny_model, data_file, out, moe=moe, rl=rl, train=train)
+        cfg["data"].update(data_cfg)
         run_rl(make_config(cfg))
         logs[name] = [r for r in read_log(out) if "loss" in r]
     assert [r["train/micro_batches"] for r in logs["rows"]] == [1, 1]
     assert all(r["train/micro_batches"] >= 2 for r in logs["tokens"]), logs["tokens"]
-    for tokens, rows in zip(logs["tokens"], logs["rows"], strict=True):
-        for key in ("loss", "kl", "aux_loss", "logprob_gap/mean", "grad_norm"):
-            assert tokens[key] == pytest.approx(rows[key], rel=1e-5, abs=1e-7), key
-        assert (
-            tokens["moe/route_flip_rate_rollout_train"] == rows["moe/route_flip_rate_rollout_train"]
-        )
+    keys = ["loss", "kl", "aux_loss", "logprob_gap/mean", "grad_norm", "entropy"]
+    keys.append("moe/route_flip_rate_rollout_train")
+    if replay == "r2":
+        keys.append("moe/route_flip_rate_update")
+    for name in VARIANTS:
+        for got, want in zip(logs[name], logs["rows"], strict=True):
+            for key in keys:
+                assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (name, key)
 
 
 def test_r2_replays_old_policy_routes_in_every_update(tiny_model: Path, tmp_path: Path) -> None:

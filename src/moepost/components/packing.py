@@ -191,9 +191,10 @@ def packed_mask_for(attn_implementation: str | None) -> PackedMask:
 
 
 def batch_by_tokens(
-    lengths: Sequence[int], max_tokens: int, max_rows: int | None = None
+    lengths: Sequence[int], max_tokens: int, max_rows: int | None = None, *, packed: bool = False
 ) -> list[list[int]]:
-    """Consecutive index groups whose padded size (rows * longest) stays within max_tokens.
+    """Consecutive index groups whose padded size (rows * longest; `packed`: the sum of the
+    lengths, a padding-free row) stays within max_tokens.
 
     Order-preserving and deterministic; an example longer than max_tokens gets a batch of its own.
     """
@@ -203,15 +204,16 @@ def batch_by_tokens(
         raise ValueError(f"batch_by_tokens: max_rows must be >= 1, got {max_rows}")
     batches: list[list[int]] = []
     current: list[int] = []
-    longest = 0
+    longest = total = 0
     for i, n in enumerate(lengths):
         grown = max(longest, n)
+        cost = total + n if packed else (len(current) + 1) * grown
         full = max_rows is not None and len(current) >= max_rows
-        if current and (full or (len(current) + 1) * grown > max_tokens):
+        if current and (full or cost > max_tokens):
             batches.append(current)
-            current, grown = [], n
+            current, grown, total = [], n, 0
         current.append(i)
-        longest = grown
+        longest, total = grown, total + n
     if current:
         batches.append(current)
     return batches

@@ -35,6 +35,19 @@ from moepost.components.moe import (
 from moepost.config.schema import MoEConfig
 
 ALL = slice(None)  # every column of a micro-batch's rows
+# Which tokens of a micro-batch's rows [n, S] a forward saw, in router order: leading columns
+# cut (a slice of columns, row-major), or a [n, S] bool mask (padding-free packing: the real
+# tokens, row after row).
+Tokens = slice | torch.Tensor
+
+
+def select_tokens(x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """x [L, n, S, ...] -> [L, N, ...]: the entries of the tokens a forward saw, router order."""
+    if isinstance(tokens, slice):
+        picked = x[:, :, tokens]
+        return picked.reshape(x.shape[0], -1, *x.shape[3:])
+    return x[:, tokens]
+
 
 log = logging.getLogger("moepost.moe")
 
@@ -56,7 +69,7 @@ class RouterTools:
         self.monitor = bool(cfg.monitor_expert_utilization and self.layers)
         self.frozen = freeze_router(model) if cfg.freeze_router and self.layers else 0
         self._counts: torch.Tensor | None = None  # [L, E] summed since the last flush
-        self._drift: dict[str, list[float]] = {}
+        self._drift: dict[str, list[tuple[float, float]]] = {}  # (rate, tokens) per pass
         self._collapses = 0
         self._warned = False
         # Routing replay / drift state of the current RL batch, keyed by micro-batch slice.
@@ -150,8 +163,8 @@ class RouterTools:
         every rank's tokens; every rank must call flush at the same steps.
         """
         metrics: dict[str, float] = {}
-        for key, values in self._drift.items():
-            metrics[key] = sum(values) / len(values)
+        for key, values in self._drift.items():  # token-weighted: any micro-batch split agrees
+            metrics[key] = sum(r * n for r, n in values) / sum(n for _, n in values)
         self._drift = {}
         if self._counts is None:
             return metrics, None
@@ -223,12 +236,14 @@ class RouterTools:
 
     # ---- RL: routing replay and drift -------------------------------------------------------
 
-    def _add_drift(self, key: str, value: torch.Tensor) -> None:
+    def _add_drift(self, key: str, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> None:
+        """Flip rate of routes `b` against `a` ([L, N, K]) over the `mask` tokens."""
+        value = routing_drift(a, b, mask)["flip_rate"]
         if torch.isfinite(value):
-            self._drift.setdefault(key, []).append(float(value))
+            self._drift.setdefault(key, []).append((float(value), float(mask.sum())))
 
     @contextmanager
-    def record_routes(self, sl: slice, cols: slice = ALL) -> Iterator[None]:
+    def record_routes(self, sl: slice, cols: Tokens = ALL) -> Iterator[None]:
         """Old-policy pass of micro-batch `sl` (columns `cols` of the step's rows): record its
         routes (R2 replays them)."""
         if not self.layers or self.cfg.routing_replay != "r2":
@@ -242,13 +257,13 @@ class RouterTools:
             yield None
         self._recorded[(sl.start, sl.stop)] = cap.indices()
 
-    def _rollout_replay(self, sl: slice, cols: slice) -> ReplaySource | None:
+    def _rollout_replay(self, sl: slice, cols: Tokens) -> ReplaySource | None:
         if self.cfg.routing_replay != "r3" or self.rollout_routes is None:
             return None
-        routes = self.rollout_routes[:, sl, cols].reshape(self.num_layers, -1, self.top_k)
+        routes = select_tokens(self.rollout_routes[:, sl], cols)
         return ReplaySource.single(routes)
 
-    def replay_for(self, sl: slice, update_index: int, cols: slice = ALL) -> ReplaySource | None:
+    def replay_for(self, sl: slice, update_index: int, cols: Tokens = ALL) -> ReplaySource | None:
         """Routes the training pass of micro-batch `sl` (columns `cols`) must use (None: the
         router decides)."""
         if not self.layers:
@@ -266,7 +281,7 @@ class RouterTools:
         sl: slice,
         token_mask: torch.Tensor,
         update_index: int,
-        cols: slice = ALL,
+        cols: Tokens = ALL,
     ) -> None:
         """Drift of this training pass against the rollout routes and the previous update."""
         if cap is None or cap.num_calls == 0:
@@ -274,20 +289,14 @@ class RouterTools:
         used = cap.indices()
         own = cap.own_indices()
         if self.rollout_routes is not None and update_index == 0:
-            ref = self.rollout_routes[:, sl, cols].reshape(self.num_layers, -1, self.top_k)
+            ref = select_tokens(self.rollout_routes[:, sl], cols)
             mask = token_mask & (ref[0, :, 0] >= 0)
-            self._add_drift(
-                "moe/route_flip_rate_rollout_train", routing_drift(ref, used, mask)["flip_rate"]
-            )
-            self._add_drift(
-                "moe/route_flip_rate_rollout_train_own", routing_drift(ref, own, mask)["flip_rate"]
-            )
+            self._add_drift("moe/route_flip_rate_rollout_train", ref, used, mask)
+            self._add_drift("moe/route_flip_rate_rollout_train_own", ref, own, mask)
         key = (sl.start, sl.stop)
         if update_index > 0 and key in self._last_update:
             prev = self._last_update[key]
-            self._add_drift(
-                "moe/route_flip_rate_update", routing_drift(prev, own, token_mask)["flip_rate"]
-            )
+            self._add_drift("moe/route_flip_rate_update", prev, own, token_mask)
         self._last_update[key] = own.detach()
 
     @property

@@ -274,14 +274,19 @@ def take_examples(state: TrainState, n_total: int, count: int, seed: int) -> lis
 
 
 def micro_batch_groups(
-    lengths: Sequence[int], cfg: Config, *, longest_first: bool, dist: Any = None
+    lengths: Sequence[int],
+    cfg: Config,
+    *,
+    longest_first: bool,
+    dist: Any = None,
+    packed: bool = False,
 ) -> list[list[int]]:
     """Row ids of each micro-batch of one step (this rank's rows; `lengths` in tokens).
 
     `train.micro_batch_tokens` = 0: `train.micro_batch_size` consecutive rows each. Otherwise as
     many rows as fit `micro_batch_tokens` padded tokens (rows x longest row; a longer row gets a
-    micro-batch of its own), so short rows share a forward and long ones do not run out of
-    memory. `longest_first` sorts the rows first (SFT: less padding, and the peak memory shows
+    micro-batch of its own; `packed`: the sum of the lengths, one padding-free row), so short
+    rows share a forward and long ones do not run out of memory. `longest_first` sorts the rows first (SFT: less padding, and the peak memory shows
     at the first micro-batch); RL keeps its row order, which routing replay indexes. With
     `dist`, every rank runs as many micro-batches as the rank that needs most.
     """
@@ -291,6 +296,7 @@ def micro_batch_groups(
         size = cfg.train.micro_batch_size
         return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
     order = sorted(range(n), key=lambda i: -lengths[i]) if longest_first else list(range(n))
-    groups = [[order[j] for j in g] for g in batch_by_tokens([lengths[i] for i in order], budget)]
+    sorted_lengths = [lengths[i] for i in order]
+    groups = [[order[j] for j in g] for g in batch_by_tokens(sorted_lengths, budget, packed=packed)]
     count = dist.max_int(len(groups)) if dist is not None else len(groups)
     return split_to_count(groups, lengths, count)

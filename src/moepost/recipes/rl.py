@@ -116,6 +116,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         engine_sync_if_noisy(engine, model, sigma)
         advantages, adv_metrics = compute_advantages(scores, batch, cfg)
         tensors = tensors_for_step(batch, advantages, tokenizer.pad_token_id, device)
+        tensors.packed = cfg.data.packing
         tensors.micro_batches = plan_micro_batches(tensors, cfg, dist)
         width, num_completion = tensors.input_ids.shape[1], tensors.completion_ids.shape[1]
         router.set_rollout_routes(batch.routes, batch.prompt_ids, width, width - num_completion)

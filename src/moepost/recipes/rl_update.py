@@ -17,7 +17,7 @@ import torch
 from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, token_logprobs
 from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
 from moepost.components.packing import without_trailing_padding_mask
-from moepost.components.router_tools import RouterTools
+from moepost.components.router_tools import RouterTools, Tokens
 from moepost.config.schema import Config
 from moepost.distributed import DistContext
 from moepost.recipes.common import micro_batch_groups
@@ -38,6 +38,8 @@ class StepTensors:
     ref_logprobs: torch.Tensor | None = None  # [N, T]
     # Row slices of the step's micro-batches (`plan_micro_batches`); empty: micro_batch_size rows
     micro_batches: list[slice] = field(default_factory=list)
+    # data.packing: each micro-batch is one padding-free row of its rows' real tokens
+    packed: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -49,8 +51,21 @@ class StepTensors:
         used = self.attention_mask[idx].any(dim=0).nonzero()
         return slice(int(used[0]) if used.numel() else 0, None)
 
+    def tokens(self, idx: slice) -> Tokens:
+        """The tokens of rows `idx` the forward sees, in router order: `columns(idx)`, or
+        packed, the [n, S] mask of real tokens (row after row)."""
+        return self.attention_mask[idx].bool() if self.packed else self.columns(idx)
+
     def rows(self, idx: slice) -> dict[str, torch.Tensor]:
-        """Model inputs of rows `idx`, trimmed to `columns(idx)`."""
+        """Model inputs of rows `idx`: trimmed to `columns(idx)`, or packed into one [1, N] row
+        whose position ids restart at every row (transformers then keeps attention inside each
+        row: a block-diagonal mask for sdpa / eager, varlen for flash attention)."""
+        if self.packed:
+            real = self.attention_mask[idx].bool()
+            return {
+                "input_ids": self.input_ids[idx][real][None],
+                "position_ids": self.position_ids[idx][real][None],
+            }
         cols = self.columns(idx)
         return {
             "input_ids": self.input_ids[idx, cols],
@@ -58,25 +73,44 @@ class StepTensors:
             "position_ids": self.position_ids[idx, cols],
         }
 
+    def select(self, mask: torch.Tensor, idx: slice) -> torch.Tensor:
+        """[n*S'] / [N]: a [N_rows, S] per-token mask at the tokens rows `idx` show the model."""
+        tokens = self.tokens(idx)
+        if isinstance(tokens, slice):
+            return mask[idx, tokens].flatten()
+        return mask[idx][tokens]
 
-def completion_logits(
-    model: torch.nn.Module, inputs: dict[str, torch.Tensor], num_completion: int
-) -> torch.Tensor:
-    """[n, T, V] logits predicting the T completion tokens (only those positions computed)."""
-    out = model(
-        **without_trailing_padding_mask(inputs), use_cache=False, logits_to_keep=num_completion + 1
-    )
-    return out.logits[:, :-1]
+
+def completion_logits(model: torch.nn.Module, t: StepTensors, idx: slice) -> torch.Tensor:
+    """[n, T, V] logits predicting the T completion tokens of rows `idx` (only those positions
+    computed; packed, the positions past a row's end hold zeros, which every use masks out)."""
+    T = t.completion_ids.shape[1]
+    if not t.packed:
+        inputs = without_trailing_padding_mask(t.rows(idx))
+        return model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
+    real = t.attention_mask[idx].bool()
+    S = real.shape[1]
+    completion = t.completion_mask[idx].bool()
+    # Position S - T - 1 + j predicts completion token j; keep those of real completion tokens.
+    want = torch.zeros_like(real)
+    want[:, S - T - 1 : S - 1] = completion
+    flat = torch.cumsum(real.flatten(), 0).view_as(real) - 1  # packed index of each real token
+    logits = model(**t.rows(idx), use_cache=False, logits_to_keep=flat[want]).logits[0]
+    out = logits.new_zeros(real.shape[0], T, logits.shape[-1])
+    return out.index_put(completion.nonzero(as_tuple=True), logits)
 
 
 def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = None) -> list[slice]:
     """Consecutive row slices: `train.micro_batch_size` rows each, or as many rows as fit
     `train.micro_batch_tokens` padded tokens, a row costing its width after the shared left-pad
-    cut (`columns`). Rows keep their order: routing replay indexes them. With `dist`, every rank
+    cut (`columns`; packed: its real tokens, summed). Rows keep their order: routing replay indexes them. With `dist`, every rank
     runs as many micro-batches as the rank that needs most."""
-    first = t.attention_mask.int().argmax(dim=1)  # each row's first real column
-    widths = (t.attention_mask.shape[1] - first).tolist()
-    groups = micro_batch_groups(widths, cfg, longest_first=False, dist=dist)
+    if t.packed:  # a packed micro-batch costs its real tokens
+        lengths = t.attention_mask.sum(dim=1).tolist()
+    else:
+        first = t.attention_mask.int().argmax(dim=1)  # each row's first real column
+        lengths = (t.attention_mask.shape[1] - first).tolist()
+    groups = micro_batch_groups(lengths, cfg, longest_first=False, dist=dist, packed=t.packed)
     return [slice(g[0], g[-1] + 1) for g in groups]
 
 
@@ -94,27 +128,26 @@ def logprob_pass(
     disable_adapter: bool = False,
 ) -> torch.Tensor:
     """[N, T] log-probs of the sampled tokens without gradient (old-policy or reference pass)."""
-    T = t.completion_ids.shape[1]
     out = torch.zeros_like(t.completion_mask)
     ctx = model.disable_adapter() if disable_adapter else nullcontext()
     with ctx:
         for sl in micro_slices(t, cfg):
-            cols = t.columns(sl)
+            cols = t.tokens(sl)
             record = router.record_routes(sl, cols) if router is not None else nullcontext()
             with record:
-                logits = completion_logits(model, t.rows(sl), T)
+                logits = completion_logits(model, t, sl)
             out[sl] = _logprobs(logits, t.completion_ids[sl], cfg)
     return out
 
 
 def router_token_mask(t: StepTensors, sl: slice, cfg: Config) -> torch.Tensor:
-    """[n*S'] bool over the `t.columns(sl)` the model sees, in router row order: the tokens the
+    """[n*S'] bool over the tokens `t.tokens(sl)` the model sees, in router row order: those the
     aux loss and its counts use (`moe.aux_loss_tokens`: every real token, or completion only)."""
-    mask = t.attention_mask[sl, t.columns(sl)].bool()
+    mask = t.attention_mask.bool()
     if cfg.moe.aux_loss_tokens == "completion":
         mask = mask.clone()
         mask[:, : mask.shape[1] - t.completion_ids.shape[1]] = False
-    return mask.flatten()
+    return t.select(mask, sl)
 
 
 def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
@@ -154,7 +187,6 @@ def policy_update(
     model.train()
     preset = ALGORITHM_PRESETS[cfg.rl.algorithm]
     norms = normalisers(t, dist)
-    T = t.completion_ids.shape[1]
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
 
@@ -165,7 +197,7 @@ def policy_update(
     if router.global_scope:
         with torch.no_grad():
             for sl in micro_slices(t, cfg):
-                replay = router.replay_for(sl, update_index, t.columns(sl))
+                replay = router.replay_for(sl, update_index, t.tokens(sl))
                 with router.capture(replay=replay) as cap:
                     model(**t.rows(sl), use_cache=False, logits_to_keep=1)
                 router.add_step_counts(cap, router_token_mask(t, sl, cfg))
@@ -176,9 +208,9 @@ def policy_update(
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
         mask = t.completion_mask[sl]
-        cols = t.columns(sl)
+        cols = t.tokens(sl)
         with router.capture(replay=router.replay_for(sl, update_index, cols)) as cap:
-            logits = completion_logits(model, t.rows(sl), T)
+            logits = completion_logits(model, t, sl)
         logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
         bad = nonfinite_rows(logprobs.detach(), mask)
         if bool(bad.any()):
@@ -211,7 +243,7 @@ def policy_update(
         aux_mask = router_token_mask(t, sl, cfg)
         share = float(aux_mask.sum()) / max(step_tokens, 1.0)
         aux, aux_m = router.losses(cap, aux_mask, share=share)
-        real = t.attention_mask[sl, cols].flatten().bool()
+        real = t.select(t.attention_mask.bool(), sl)
         router.observe_training_routes(cap, sl, real, update_index, cols)
         dist.backward(loss + aux if aux is not None else loss)
         n_tok = float(mask.sum())
