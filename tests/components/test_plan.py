@@ -13,12 +13,8 @@ import yaml
 from moepost.config.load import load_config
 from moepost.config.schema import Config
 from moepost.errors import UserError
-from moepost.tools.plan import (
-    as_pretrained_config,
-    count_parameters,
-    estimate_memory,
-    run_plan,
-)
+from moepost.tools.param_count import as_pretrained_config, count_parameters
+from moepost.tools.plan import estimate_memory, run_plan
 from moepost.tools.tiny_model import build_tiny_model
 
 # Tiny qwen3_moe: hidden 32, 2 layers, 4 experts (moe_intermediate 32), top-2, vocab 104,

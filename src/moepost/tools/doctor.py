@@ -417,7 +417,8 @@ def _device_memory(device: torch.device) -> tuple[float | None, str]:
 
 
 def _memory_check(s: DoctorSetup) -> Check:
-    from moepost.tools.plan import counts_from_model, estimate_memory, gib
+    from moepost.tools.param_count import counts_from_model
+    from moepost.tools.plan import estimate_memory, gib
 
     base = unwrap_model(s.model)
     gpus = int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,218 +1,47 @@
 """`moepost plan`: per-device memory estimate for a run config, from the model's config.json only.
 
-Parameter counts are exact: the model is built on PyTorch's meta device (shapes, no storage), with
-LoRA applied and routers frozen the way the run would, so a 30B checkpoint's config from the Hugging
-Face cache costs a few seconds and no memory. Activation and logits figures are rough (+-50%):
+Parameter counts are exact (`param_count`: the model built on the meta device, with LoRA applied
+and routers frozen the way the run would). Activation and logits figures are rough (+-50%):
 they count the tensors a decoder layer keeps for backward, not allocator fragmentation or
 temporary buffers.
 """
 
 from __future__ import annotations
 
-import json
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from moepost.config.schema import Config
 from moepost.errors import UserError
+from moepost.tools.param_count import (
+    ParamCounts,
+    as_pretrained_config,
+    config_value,
+    count_parameters,
+    model_dims,
+    read_model_config,
+    weight_dtype,
+)
 
 GIB = 1024**3
 LOGPROB_CHUNK = 1024  # token_logprobs' default chunk over T
-
-
-@dataclass
-class ParamCounts:
-    total: int
-    experts: int  # parameters inside routed-expert modules (only K of E are used per token)
-    active: int  # per token: total - experts * (1 - K/E)
-    trainable: int
-    weights_bytes: int  # every parameter at its own dtype (LoRA adapters are float32)
-    trainable_bytes: int  # trainable parameters at their own dtype (what a gradient takes)
-    max_layer_params: int  # largest decoder layer (what ZeRO-3 / FSDP gathers at once)
-    num_moe_layers: int
-    num_experts: int
-    top_k: int
-
-
-def _get(config: Any, *names: str, default: Any = None) -> Any:
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def as_pretrained_config(model_config: dict[str, Any] | Any) -> Any:
-    """A transformers config object from a config.json dict (or the object itself)."""
-    if not isinstance(model_config, dict):
-        return model_config
-    from transformers import AutoConfig
-
-    data = dict(model_config)
-    model_type = data.pop("model_type", None)
-    if not model_type:
-        raise UserError("model config: 'model_type' is missing from config.json")
-    try:
-        return AutoConfig.for_model(model_type, **data)
-    except (ValueError, KeyError) as err:
-        raise UserError(f"model config: model_type '{model_type}' is unknown ({err})") from err
-
-
-def read_model_config(cfg: Config) -> Any:
-    """The policy's config.json (the base model's for an adapter folder); no weights are read."""
-    from transformers import AutoConfig
-
-    from moepost.components.model import ADAPTER_CONFIG, hub_kwargs
-
-    name = cfg.model.policy_name_or_path
-    key = "model.policy_name_or_path"
-    adapter = Path(name) / ADAPTER_CONFIG
-    if adapter.is_file():
-        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{adapter}: base_model_name_or_path is missing")
-        name, key = base, f"{adapter} base_model_name_or_path"
-    kwargs = hub_kwargs(name, cfg.misc, key)
-    try:
-        return AutoConfig.from_pretrained(
-            name, trust_remote_code=cfg.model.trust_remote_code, **kwargs
-        )
-    except (OSError, ValueError, KeyError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(f"{key}: no readable config.json in '{name}' ({first})") from err
-
-
-def weight_dtype(cfg: Config, dtype: torch.dtype | None = None) -> torch.dtype:
-    """The training dtype: `dtype` if given, else model.dtype with auto = bfloat16 (a GPU)."""
-    if dtype is not None:
-        return dtype
-    name = "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype
-    return getattr(torch, name)
-
-
-def _decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The longest ModuleList named '*layers' (the decoder stack)."""
-    best: list[nn.Module] = []
-    for name, module in model.named_modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and name.endswith("layers")
-            and len(module) > len(best)
-        ):
-            best = list(module)
-    return best
-
-
-def _is_adapter(name: str) -> bool:
-    return "lora_" in name
-
-
-def counts_from_model(model: nn.Module) -> ParamCounts:
-    """Exact counts of a built model (plain or peft-wrapped, real or on the meta device)."""
-    from moepost.components.moe import find_moe_layers, unwrap_model
-
-    root = unwrap_model(model)
-    infos = find_moe_layers(model)
-    experts = 0
-    for info in infos:
-        block = root.get_submodule(info.name.replace(".base_layer", "").rsplit(".", 1)[0])
-        experts += sum(p.numel() for n, p in block.experts.named_parameters() if not _is_adapter(n))
-    layers = _decoder_layers(root)
-    max_layer = max(
-        (
-            sum(p.numel() for n, p in layer.named_parameters() if not _is_adapter(n))
-            for layer in layers
-        ),
-        default=0,
-    )
-    named = list(model.named_parameters())
-    trainable = [p for _, p in named if p.requires_grad]
-    # "parameters" means the base model's own; LoRA adapters are counted as trainable only
-    total = sum(p.numel() for n, p in named if not _is_adapter(n))
-    top_k, num_experts = (infos[0].top_k, infos[0].num_experts) if infos else (0, 0)
-    return ParamCounts(
-        total=total,
-        experts=experts,
-        active=total - experts + (experts * top_k // num_experts if infos else 0),
-        trainable=sum(p.numel() for p in trainable),
-        weights_bytes=sum(p.numel() * p.element_size() for _, p in named),
-        trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
-        max_layer_params=max_layer,
-        num_moe_layers=len(infos),
-        num_experts=num_experts,
-        top_k=top_k,
-    )
-
-
-def _meta_counts(config: Any, cfg: Config, dtype: torch.dtype) -> ParamCounts:
-    """Build the model on the meta device, set it up as the run would, and count."""
-    from transformers import AutoModelForCausalLM
-
-    from moepost.components.model import apply_lora
-    from moepost.components.moe import freeze_router
-
-    with warnings.catch_warnings(), torch.device("meta"):
-        warnings.simplefilter("ignore")  # deprecation chatter from transformers / peft
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code
-        )
-        if cfg.model.lora.enabled:
-            model = apply_lora(model, cfg.model.lora)
-    if cfg.moe.freeze_router:
-        freeze_router(model)
-    return counts_from_model(model)
-
-
-def _dims(config: Any) -> dict[str, int]:
-    """Sizes read off a config under the names the common MoE families use."""
-    hidden = int(config.hidden_size)
-    heads = int(config.num_attention_heads)
-    head_dim = int(_get(config, "head_dim", default=hidden // heads))
-    moe_inter = _get(config, "moe_intermediate_size", "intermediate_size", default=4 * hidden)
-    shared = _get(config, "shared_expert_intermediate_size", default=None)
-    if shared is None and _get(config, "n_shared_experts", default=0):
-        shared = int(config.n_shared_experts) * int(moe_inter)
-    return {
-        "hidden": hidden,
-        "q_dim": heads * head_dim,
-        "kv_dim": int(_get(config, "num_key_value_heads", default=heads)) * head_dim,
-        "inter": int(_get(config, "intermediate_size", default=4 * hidden)),
-        "moe_inter": int(moe_inter),
-        "shared_inter": int(shared or 0),
-    }
-
-
-def count_parameters(config: Any, cfg: Config, dtype: torch.dtype) -> ParamCounts:
-    """Exact counts of the model `config` describes, set up as `cfg` says (meta device)."""
-    try:
-        return _meta_counts(config, cfg, dtype)
-    except UserError:
-        raise
-    except Exception as err:  # e.g. remote code that is not cached locally
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"model: cannot build {getattr(config, 'model_type', '?')} from its config.json to "
-            f"count parameters ({first})"
-        ) from err
 
 
 def _kv_elements_per_token(config: Any, seq_len: int) -> int:
     """K and V elements one row keeps for `seq_len` tokens, summed over the attention layers."""
     layers = int(config.num_hidden_layers)
     heads = int(config.num_attention_heads)
-    if _get(config, "kv_lora_rank") is not None:  # MLA: the HF cache holds decompressed K and V
+    if (
+        config_value(config, "kv_lora_rank") is not None
+    ):  # MLA: the HF cache holds decompressed K and V
         per_token = heads * (
             int(config.qk_nope_head_dim) + int(config.qk_rope_head_dim) + int(config.v_head_dim)
         )
     else:
-        per_token = 2 * _dims(config)["kv_dim"]
-    types = _get(config, "layer_types", default=None) or ["full_attention"] * layers
-    window = int(_get(config, "sliding_window", default=seq_len) or seq_len)
+        per_token = 2 * model_dims(config)["kv_dim"]
+    types = config_value(config, "layer_types", default=None) or ["full_attention"] * layers
+    window = int(config_value(config, "sliding_window", default=seq_len) or seq_len)
     total = 0
     for kind in types:
         if kind == "full_attention":
@@ -225,7 +54,7 @@ def _kv_elements_per_token(config: Any, seq_len: int) -> int:
 
 def _activation_elements_per_token(config: Any, counts: ParamCounts) -> tuple[int, int]:
     """(elements one decoder layer keeps for backward per token, elements of its input)."""
-    d = _dims(config)
+    d = model_dims(config)
     h = d["hidden"]
     attn = 2 * h + 2 * d["q_dim"] + 2 * d["kv_dim"]  # norm in, residual, q, k, v, attn out
     if counts.num_moe_layers:
