@@ -11,14 +11,13 @@ import argparse
 import json
 import os
 import platform
-import random
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,138 +40,6 @@ CHILD_ENV = {
     "PYTHONWARNINGS": "ignore",
     "WANDB_DISABLED": "true",
 }
-
-
-# ---------------------------------------------------------------- the bench model
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A random-weight Qwen3-MoE built by `moepost.tools.tiny_model.build_tiny_model`."""
-
-    hidden_size: int = 256
-    num_layers: int = 6
-    num_experts: int = 32
-    top_k: int = 4
-    moe_intermediate_size: int = 128  # 6 x 32 x 3 x 256 x 128 = 18.9 M expert parameters
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    dtype: str = "float32"
-    seed: int = 0
-
-    @property
-    def key(self) -> str:
-        s = self
-        return (
-            f"qwen3moe_h{s.hidden_size}_l{s.num_layers}_e{s.num_experts}_k{s.top_k}"
-            f"_m{s.moe_intermediate_size}_a{s.num_heads}x{s.num_kv_heads}_{s.dtype}_s{s.seed}"
-        )
-
-
-def bench_model(spec: ModelSpec = ModelSpec(), cache: Path = CACHE) -> Path:
-    """The checkpoint for `spec`, built on first use and reused afterwards."""
-    import transformers
-
-    out = cache / "models" / f"{spec.key}_tf{transformers.__version__}"
-    done = out / "BENCH_OK"
-    if done.is_file():
-        return out
-    from moepost.tools.tiny_model import build_tiny_model
-
-    build_tiny_model(
-        out,
-        "qwen3_moe",
-        seed=spec.seed,
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        moe_intermediate_size=spec.moe_intermediate_size,
-        num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads,
-        dtype=spec.dtype,
-    )
-    done.write_text(json.dumps(asdict(spec)))
-    return out
-
-
-def parameter_counts(model_dir: Path) -> dict[str, int]:
-    """Total and per-token active parameter counts, read from the checkpoint's tensors.
-
-    Active = total - routed-expert parameters x (1 - top_k / num_experts). Embedding and LM head
-    are included in both (the LM head runs on every token; the embedding lookup costs no FLOPs
-    but is part of the model's size).
-    """
-    from safetensors import safe_open
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(model_dir)
-    total = experts = embed = 0
-    for shard in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                n = 1
-                for d in f.get_slice(name).get_shape():
-                    n *= d
-                total += n
-                if ".experts." in name:
-                    experts += n
-                if "embed_tokens" in name:
-                    embed += n
-    frac = cfg.num_experts_per_tok / cfg.num_experts
-    active = total - round(experts * (1.0 - frac))
-    return {"total": total, "experts": experts, "active": active, "embedding": embed}
-
-
-# ---------------------------------------------------------------- data
-
-_NAMES = ("Ann", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana")
-_ITEMS = ("apples", "pens", "coins", "books", "shells", "cards")
-
-
-def arithmetic_rows(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """`n` GSM8K-style rows {question, answer="<working>\\n#### N"}, identical for a given seed."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-        a, b = rng.randint(2, 60), rng.randint(2, 40)
-        if rng.random() < 0.5:
-            q = f"{name} has {a} {item} and gets {b} more. How many {item} now?"
-            work, result = f"{a} + {b} = {a + b}", a + b
-        else:
-            a = max(a, b + 1)
-            q = f"{name} has {a} {item} and gives away {b}. How many {item} are left?"
-            work, result = f"{a} - {b} = {a - b}", a - b
-        rows.append({"question": q, "answer": f"{work}\n#### {result}"})
-    return rows
-
-
-def write_jsonl(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def gsm8k_file(n: int = 256, seed: int = 0, cache: Path = CACHE) -> Path:
-    """RL prompts in GSM8K form (question / answer)."""
-    return write_jsonl(arithmetic_rows(n, seed), cache / "data" / f"arith_gsm8k_{n}_{seed}.jsonl")
-
-
-def chat_file(n: int = 256, seed: int = 0, turns: int = 1, cache: Path = CACHE) -> Path:
-    """The same rows as chat messages for SFT: `turns` user/assistant pairs per conversation
-    (more turns make longer sequences, for the GPU scale)."""
-    qa = arithmetic_rows(n * turns, seed)
-    rows = []
-    for i in range(n):
-        messages = []
-        for r in qa[i * turns : (i + 1) * turns]:
-            messages.append({"role": "user", "content": r["question"]})
-            messages.append({"role": "assistant", "content": r["answer"]})
-        rows.append({"messages": messages})
-    return write_jsonl(rows, cache / "data" / f"arith_chat_{n}_{seed}_t{turns}.jsonl")
 
 
 # ---------------------------------------------------------------- child processes

@@ -34,16 +34,18 @@ from bench import moe_layer, rl_vs_trl, sft_vs_trl  # noqa: E402
 from bench.common import (  # noqa: E402
     CACHE,
     NUM_THREADS,
-    ModelSpec,
-    bench_model,
-    chat_file,
     fmt,
-    gsm8k_file,
     machine_line,
     markdown_table,
     median,
-    parameter_counts,
     run_child,
+)
+from bench.workload import (  # noqa: E402
+    ModelSpec,
+    bench_model,
+    chat_file,
+    gsm8k_file,
+    parameter_counts,
 )
 
 GPU_MODEL = ModelSpec(

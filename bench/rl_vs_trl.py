@@ -31,17 +31,19 @@ from bench.common import (  # noqa: E402
     aggregate,
     alternate,
     before_cells,
-    bench_model,
     child_entry,
-    gsm8k_file,
     markdown_table,
     median,
-    parameter_counts,
     parse_side_args,
     peak_gpu_mb,
     ratio,
     side_jobs,
     spread,
+)
+from bench.workload import (  # noqa: E402
+    bench_model,
+    gsm8k_file,
+    parameter_counts,
 )
 
 SCRIPT = Path(__file__).resolve()
