@@ -91,6 +91,11 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         cfg.generation.backend, model, tokenizer, micro_batch_size=cfg.generation.micro_batch_size
     )
     run.say(f"model: {describe_parameters(parameter_report(model))}; {router.describe()}")
+    attn = getattr(model.config, "_attn_implementation", None)
+    if cfg.data.packing and attn in ("sdpa", "eager"):
+        run.say(
+            f"data.packing with {attn} attention: N x N block masks (flash attention needs none)"
+        )
     if eval_only:
         reset_logs(run, after_step=None, names=EVAL_LOGS)
         return _evaluate(run, engine, eval_set or train_set, reward_fns, step=0)
