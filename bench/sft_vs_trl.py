@@ -101,6 +101,7 @@ def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
             "logging.save_final=false",
             f"misc.device={p['device']}",
             f"misc.num_threads={p.get('threads', 2)}",
+            *p.get("overrides", []),  # bench/micro_batching.py's sides
         ],
     )
     try:

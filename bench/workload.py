@@ -143,3 +143,21 @@ def chat_file(n: int = 256, seed: int = 0, turns: int = 1, cache: Path = CACHE) 
             messages.append({"role": "assistant", "content": r["answer"]})
         rows.append({"messages": messages})
     return write_jsonl(rows, cache / "data" / f"arith_chat_{n}_{seed}_t{turns}.jsonl")
+
+
+def mixed_chat_file(n: int = 256, seed: int = 0, max_turns: int = 5, cache: Path = CACHE) -> Path:
+    """Conversations of 1..max_turns arithmetic turns (drawn per row): sequences of uneven
+    length, where padding and micro-batch grouping matter."""
+    rng = random.Random(seed + 1)
+    turns = [rng.randint(1, max_turns) for _ in range(n)]
+    qa = arithmetic_rows(sum(turns), seed)
+    rows, at = [], 0
+    for t in turns:
+        messages = []
+        for r in qa[at : at + t]:
+            messages.append({"role": "user", "content": r["question"]})
+            messages.append({"role": "assistant", "content": r["answer"]})
+        rows.append({"messages": messages})
+        at += t
+    name = f"arith_chat_mixed_{n}_{seed}_t{max_turns}.jsonl"
+    return write_jsonl(rows, cache / "data" / name)
