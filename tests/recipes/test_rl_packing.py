@@ -4,32 +4,31 @@ gives the log-probs and gradients of the padded layout."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moepost.components.rollout_layout import build_training_tensors
 from moepost.config.schema import Config
-from moepost.recipes.rl_update import StepTensors, completion_logits, logprob_pass
+from moepost.recipes.rl_update import (
+    StepTensors,
+    completion_logits,
+    logprob_pass,
+    tensors_for_step,
+)
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
 COMPLETIONS = [[20, 21, 22, 23], [24], [25, 26], []]  # the last row produced nothing
 
 
 def _tensors(packed: bool) -> StepTensors:
-    lay = build_training_tensors(PROMPTS, COMPLETIONS, pad_token_id=0)
-    mask = lay["completion_mask"]
-    return StepTensors(
-        input_ids=lay["input_ids"],
-        attention_mask=lay["attention_mask"],
-        position_ids=lay["position_ids"],
-        completion_ids=lay["completion_ids"],
-        completion_mask=mask,
-        advantages=torch.zeros(len(PROMPTS)),
-        rollout_logprobs=torch.zeros_like(mask),
-        packed=packed,
+    batch = SimpleNamespace(
+        prompt_ids=PROMPTS, completion_ids=COMPLETIONS, logprobs=torch.zeros(len(PROMPTS), 4)
     )
+    t = tensors_for_step(batch, torch.zeros(len(PROMPTS)), 0, torch.device("cpu"))
+    t.packed = packed
+    return t
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
