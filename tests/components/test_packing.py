@@ -154,6 +154,8 @@ def test_batch_by_tokens() -> None:
     # Two rows at most: [3, 4] -> 8, [2, 5] -> 10, [1, 6] -> 12, then [6] (6 + 13 -> 26), [13], [1].
     assert batch_by_tokens(lengths, 12, max_rows=2) == [[0, 1], [2, 3], [4, 5], [6], [7], [8]]
     assert batch_by_tokens([], 10) == []
+    # Packed (one padding-free row): the lengths add up. 3+4+2 = 9 (adding 5: 14); 5+1+6 = 12.
+    assert batch_by_tokens(lengths, 12, packed=True) == [[0, 1, 2], [3, 4, 5], [6], [7], [8]]
     with pytest.raises(ValueError, match="max_tokens"):
         batch_by_tokens([1], 0)
 
@@ -170,6 +172,14 @@ def test_split_to_count_halves_the_costliest_group() -> None:
     # Next: [0, 1] and [2, 3] cost 20 each (first wins), then [2, 3], then [4, 5] (6).
     assert split_to_count([[0, 1, 2, 3], [4, 5], [6]], lengths, 7) == [[i] for i in range(7)]
     assert split_to_count([[0], [1]], lengths, 2) == [[0], [1]]
+    # Padded, [5, 1, 1, 1] costs 4 x 5 = 20 > [6, 6] = 12; packed, 8 < 12.
+    uneven = [5, 1, 1, 1, 6, 6]
+    assert split_to_count([[0, 1, 2, 3], [4, 5]], uneven, 3) == [[0, 1], [2, 3], [4, 5]]
+    assert split_to_count([[0, 1, 2, 3], [4, 5]], uneven, 3, packed=True) == [
+        [0, 1, 2, 3],
+        [4],
+        [5],
+    ]
     with pytest.raises(ValueError, match="cannot make 8 groups"):
         split_to_count([[0, 1, 2, 3], [4, 5], [6]], lengths, 8)
     with pytest.raises(ValueError, match="cannot make 1 groups"):

@@ -220,10 +220,10 @@ def batch_by_tokens(
 
 
 def split_to_count(
-    groups: Sequence[Sequence[int]], lengths: Sequence[int], count: int
+    groups: Sequence[Sequence[int]], lengths: Sequence[int], count: int, *, packed: bool = False
 ) -> list[list[int]]:
-    """Split the group with the largest padded size (rows * longest) in two, keeping order,
-    until there are `count` groups.
+    """Split the costliest group (padded size rows * longest; `packed`: the sum of the
+    lengths) in two, keeping order, until there are `count` groups.
 
     Ranks of a data-parallel job must run the same number of forward passes (DDP syncs buffers
     and FSDP / ZeRO-3 gather weights in every forward), so a rank whose token budget gives
@@ -234,11 +234,13 @@ def split_to_count(
     rows = sum(len(g) for g in out)
     if count < len(out) or count > rows:
         raise ValueError(f"split_to_count: cannot make {count} groups of {len(out)} ({rows} rows)")
+
+    def cost(group: list[int]) -> int:
+        sizes = [lengths[k] for k in group]
+        return sum(sizes) if packed else len(sizes) * max(sizes)
+
     while len(out) < count:
-        i = max(
-            (j for j, g in enumerate(out) if len(g) > 1),
-            key=lambda j: len(out[j]) * max(lengths[k] for k in out[j]),
-        )
+        i = max((j for j, g in enumerate(out) if len(g) > 1), key=lambda j: cost(out[j]))
         half = len(out[i]) // 2
         out[i : i + 1] = [out[i][:half], out[i][half:]]
     return out

@@ -9,7 +9,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ from moepost.components.packing import batch_by_tokens, split_to_count
 from moepost.components.stability import GradientPipeline, inject_test_faults
 from moepost.config.load import config_to_dict, write_resolved_config
 from moepost.config.schema import Config
+
+if TYPE_CHECKING:
+    from moepost.distributed import DistContext
 
 
 def seed_everything(seed: int) -> None:
@@ -278,17 +281,18 @@ def micro_batch_groups(
     cfg: Config,
     *,
     longest_first: bool,
-    dist: Any = None,
+    dist: DistContext | None = None,
     packed: bool = False,
 ) -> list[list[int]]:
     """Row ids of each micro-batch of one step (this rank's rows; `lengths` in tokens).
 
     `train.micro_batch_tokens` = 0: `train.micro_batch_size` consecutive rows each. Otherwise as
-    many rows as fit `micro_batch_tokens` padded tokens (rows x longest row; a longer row gets a
-    micro-batch of its own; `packed`: the sum of the lengths, one padding-free row), so short
-    rows share a forward and long ones do not run out of memory. `longest_first` sorts the rows first (SFT: less padding, and the peak memory shows
-    at the first micro-batch); RL keeps its row order, which routing replay indexes. With
-    `dist`, every rank runs as many micro-batches as the rank that needs most.
+    many rows as fit `micro_batch_tokens` padded tokens (rows x longest row, or with `packed`
+    the sum of the lengths: one padding-free row; a longer row gets a micro-batch of its own),
+    so short rows share a forward and long ones do not run out of memory. `longest_first`
+    sorts the rows first (SFT: less padding, and the peak memory shows at the first
+    micro-batch); RL keeps its row order, which routing replay indexes. With `dist`, every rank
+    runs as many micro-batches as the rank that needs most.
     """
     n = len(lengths)
     budget = cfg.train.micro_batch_tokens
@@ -299,4 +303,4 @@ def micro_batch_groups(
     sorted_lengths = [lengths[i] for i in order]
     groups = [[order[j] for j in g] for g in batch_by_tokens(sorted_lengths, budget, packed=packed)]
     count = dist.max_int(len(groups)) if dist is not None else len(groups)
-    return split_to_count(groups, lengths, count)
+    return split_to_count(groups, lengths, count, packed=packed)

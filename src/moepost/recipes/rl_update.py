@@ -102,9 +102,9 @@ def completion_logits(model: torch.nn.Module, t: StepTensors, idx: slice) -> tor
 
 def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = None) -> list[slice]:
     """Consecutive row slices: `train.micro_batch_size` rows each, or as many rows as fit
-    `train.micro_batch_tokens` padded tokens, a row costing its width after the shared left-pad
-    cut (`columns`; packed: its real tokens, summed). Rows keep their order: routing replay indexes them. With `dist`, every rank
-    runs as many micro-batches as the rank that needs most."""
+    `train.micro_batch_tokens` tokens, a row costing its width after the shared left-pad cut
+    (`columns`; packed: its real tokens, summed). Rows keep their order: routing replay indexes
+    them. With `dist`, every rank runs as many micro-batches as the rank that needs most."""
     if t.packed:  # a packed micro-batch costs its real tokens
         lengths = t.attention_mask.sum(dim=1).tolist()
     else:
