@@ -115,14 +115,17 @@ def _scale_(grads: list[Tensor], coef: float) -> None:
         g.mul_(coef)
 
 
-def clip_by_global_norm(grads: Grads, max_norm: float) -> dict[str, float]:
+def clip_by_global_norm(
+    grads: Grads, max_norm: float, *, norm: float | None = None
+) -> dict[str, float]:
     """Plain global-norm clipping: scale all gradients by max_norm / norm when norm > max_norm.
 
     The coefficient is exactly max_norm / norm (no epsilon). A non-finite norm leaves the
     gradients untouched (clip_coef 1.0): the non-finite guard that follows skips the step.
+    `norm`: the global norm of `grads` when the caller already has it (one pass fewer).
     """
     present = _present(grads)
-    raw = float(global_grad_norm(present).item())
+    raw = float(global_grad_norm(present).item()) if norm is None else float(norm)
     coef = 1.0
     if math.isfinite(raw) and raw > max_norm:
         coef = max_norm / raw

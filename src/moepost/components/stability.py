@@ -73,20 +73,25 @@ class GradientPipeline:
         raw = float(global_grad_norm(grads))
         if self.cfg.skip_nonfinite and not math.isfinite(raw):
             return self._skip(params, raw)
+        # Centralisation / normalisation change the gradients: their norm must be taken again,
+        # and only they can turn finite gradients non-finite (the clippers scale by <= 1).
+        transformed = self.cfg.grad_centralization or self.cfg.grad_normalization.enabled
         if self.cfg.grad_centralization:
             centralize_gradients(grads)
         if self.cfg.grad_normalization.enabled:
             normalize_gradients(grads, self.cfg.grad_normalization.alpha)
+        known = None if transformed else raw
         if self.clipper is not None:
             clip_metrics = self.clipper(grads)
         elif self.max_grad_norm is not None and self.max_grad_norm > 0:
-            clip_metrics = clip_by_global_norm(grads, self.max_grad_norm)
+            clip_metrics = clip_by_global_norm(grads, self.max_grad_norm, norm=known)
         else:
-            norm = float(global_grad_norm(grads))
+            norm = float(global_grad_norm(grads)) if known is None else known
             clip_metrics = {"grad_norm_raw": norm, "grad_norm_clipped": norm, "clip_coef": 1.0}
-        final = float(global_grad_norm(grads))
-        if self.cfg.skip_nonfinite and not math.isfinite(final):
-            return self._skip(params, final)
+        if transformed:
+            final = float(global_grad_norm(grads))
+            if self.cfg.skip_nonfinite and not math.isfinite(final):
+                return self._skip(params, final)
         self.consecutive_skips = 0
         return True, self._metrics(raw, clip_metrics)
 
