@@ -273,3 +273,38 @@ def test_reserved_cache_generation_is_bit_identical(model, tokenizer, prompts, m
     plain = engine(model, tokenizer).generate(prompts, params)
     assert fast.completion_ids == plain.completion_ids
     assert torch.equal(fast.logprobs, plain.logprobs)
+
+
+def test_finished_rows_leave_the_decode_batch(model, tokenizer, prompts):
+    """compact_finished drops finished rows from the decode batch (and their KV cache rows):
+    same tokens, finish reasons and log-probs as keeping every row, the same routes for every
+    token it fed, and forwards that really ran on fewer rows."""
+    from moepost.components.router_tools import RouterTools
+    from moepost.config.schema import MoEConfig
+
+    eos_ids = list(range(2, 14))  # frequent enough that rows end at different steps
+    params = SamplingParams(num_samples_per_prompt=4, max_new_tokens=16, temperature=1.0, seed=5)
+    runs = {}
+    for compact in (True, False):
+        sizes: list[int] = []
+        eng = engine(model, tokenizer, eos_token_ids=eos_ids, compact_finished=compact)
+        eng.step_callback = lambda s, p, e=eng: sizes.append(
+            len(e.batch_rows) if e.batch_rows is not None else -1
+        )
+        router = RouterTools(model, MoEConfig(routing_replay="r3"))
+        with router.capture_generation(eng) as holder:
+            batch = eng.generate(prompts, params)
+        routes = router.generation_routes(holder, prompts, batch, micro_batch_size=0)
+        runs[compact] = (batch, routes, sizes)
+    (fast, fast_routes, sizes), (full, full_routes, _) = runs[True], runs[False]
+    lengths = [len(c) for c in full.completion_ids]
+    assert len(set(lengths)) > 2, lengths  # rows did finish at different steps
+    assert any(0 < size < 12 for size in sizes), sizes  # some forwards ran on fewer rows
+    assert fast.completion_ids == full.completion_ids
+    assert fast.finish_reason == full.finish_reason
+    torch.testing.assert_close(fast.logprobs, full.logprobs, atol=1e-5, rtol=0)
+    for row, (a, b) in enumerate(zip(fast_routes, full_routes, strict=True)):
+        fed = a[0, :, 0] >= 0
+        assert torch.equal(a[:, fed], b[:, fed]), row
+        # Only a row's last token may go unrouted: it left the batch before being fed.
+        assert bool(fed[:-1].all()), row

@@ -85,3 +85,20 @@ def reserved_cache(config: Any, reserve: int) -> DynamicCache:
         ReservedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers
     ]
     return cache
+
+
+def drop_finished_rows(
+    cache: Any, rows: torch.Tensor | None, running: torch.Tensor, n: int
+) -> torch.Tensor | None:
+    """Drop finished rows from the decode batch once they are a quarter of it.
+
+    rows: chunk rows the cache holds, in cache order (None: all n); running [n] bool. Returns
+    the rows of the next forward. Dropping copies the remaining KV cache rows once, so it waits
+    until enough rows have finished to pay for it.
+    """
+    held = torch.arange(n, device=running.device) if rows is None else rows
+    keep = running[held]
+    if keep.all() or int((~keep).sum()) * 4 < held.numel():
+        return rows
+    cache.batch_select_indices(keep.nonzero().squeeze(1))
+    return held[keep]

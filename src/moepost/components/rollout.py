@@ -21,11 +21,12 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from moepost.components.kv_cache import reserved_cache
+from moepost.components.kv_cache import drop_finished_rows, reserved_cache
 from moepost.components.rollout_layout import (  # noqa: F401 (build_training_tensors: re-export)
     build_training_tensors,
     real_positions,
 )
+from moepost.components.sampling import sample_tokens
 from moepost.errors import UserError
 
 StepCallback = Callable[[int, str], None]
@@ -126,37 +127,6 @@ def _left_pad(
     return input_ids.to(device), attention_mask.to(device)
 
 
-def sample_tokens(
-    logits: torch.Tensor,
-    params: SamplingParams,
-    generator: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample one token per row from logits [N, V].
-
-    Returns (tokens [N] long, logprobs [N] float32), the log-probs being those of the unfiltered
-    tempered distribution (see `RolloutBatch`), whatever top-k / top-p removed from sampling.
-    """
-    scores = logits.float() / params.logprob_temperature
-    logprobs_all = torch.log_softmax(scores, dim=-1)
-    if params.is_greedy:
-        tokens = scores.argmax(dim=-1)
-    else:
-        if 0 < params.top_k < scores.shape[-1]:
-            kth = torch.topk(scores, params.top_k, dim=-1).values[:, -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-            probs = torch.softmax(sorted_scores, dim=-1)
-            # Drop a token when the mass strictly before it already reaches top_p; the most
-            # likely token always survives.
-            drop = (probs.cumsum(-1) - probs) >= params.top_p
-            sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
-            scores = torch.full_like(scores, float("-inf")).scatter(-1, order, sorted_scores)
-        probs = torch.softmax(scores, dim=-1)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return tokens, logprobs_all.gather(-1, tokens[:, None]).squeeze(-1)
-
-
 def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
@@ -188,6 +158,10 @@ class HFRolloutEngine:
         on one row per distinct prompt of the chunk; "decode" index s produces token s of all
         B_chunk * G rows. Chunks run one after another and each restarts at index 0.
     share_prefix: False prefills G copies of every prompt (only for checking equivalence).
+    compact_finished: once a quarter of the rows in the decode batch have finished, they leave
+        it (their KV cache rows are dropped); `batch_rows` then names the chunk rows each
+        forward runs on (None: all), for route capture. Sampling still draws for every row, so
+        the random stream is that of the uncompacted loop. False keeps every row to the end.
 
     Generation runs under torch.no_grad rather than inference_mode: the returned log-probs later
     meet autograd tensors in the loss, and inference tensors cannot be saved for backward.
@@ -205,6 +179,7 @@ class HFRolloutEngine:
         micro_batch_size: int = 0,
         step_callback: StepCallback | None = None,
         share_prefix: bool = True,
+        compact_finished: bool = True,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -217,6 +192,8 @@ class HFRolloutEngine:
         self.micro_batch_size = micro_batch_size
         self.step_callback = step_callback
         self.share_prefix = share_prefix
+        self.compact_finished = compact_finished
+        self.batch_rows: torch.Tensor | None = None  # chunk rows of the current forward
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         return None
@@ -284,6 +261,8 @@ class HFRolloutEngine:
             prompts, params.num_samples_per_prompt, params.max_new_tokens
         )
         n = logits.shape[0]
+        rows = None  # chunk rows in the model's decode batch (None: all n)
+        self.batch_rows = None
         eos = torch.tensor(self.eos_token_ids, device=self.device)
         reasons = torch.zeros(n, dtype=torch.long, device=self.device)
         lengths = torch.zeros(n, dtype=torch.long, device=self.device)
@@ -303,15 +282,23 @@ class HFRolloutEngine:
                 reasons[reasons == 0] = _LENGTH
             if bool((reasons != 0).all()):
                 break
-            # A finished row keeps feeding pad with mask 0; its outputs are ignored.
+            # A finished row feeds pad with mask 0 (outputs ignored) until it leaves the batch.
             attention_mask = torch.cat([attention_mask, active.long()[:, None]], dim=-1)
-            logits = self._forward(
+            if self.compact_finished:
+                rows = drop_finished_rows(cache, rows, reasons == 0, n)
+                self.batch_rows = rows
+            mask = attention_mask if rows is None else attention_mask[rows]
+            out = self._forward(
                 step + 1,
                 "decode",
-                input_ids=tokens[:, None],
-                attention_mask=attention_mask,
-                position_ids=attention_mask.sum(-1, keepdim=True) - 1,
+                input_ids=(tokens if rows is None else tokens[rows])[:, None],
+                attention_mask=mask,
+                position_ids=mask.sum(-1, keepdim=True) - 1,
                 past_key_values=cache,
+            )
+            # Sampling draws for all n rows, so its random stream does not depend on `rows`.
+            logits = (
+                out if rows is None else out.new_zeros(n, out.shape[-1]).index_copy_(0, rows, out)
             )
         return _ChunkOut(
             tokens=torch.stack(tokens_out, dim=1).cpu(),

@@ -49,6 +49,16 @@ def select_tokens(x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
     return x[:, tokens]
 
 
+def _positions(rows: torch.Tensor | None, n: int) -> list[int]:
+    """Position of each of n chunk rows in a decode call over `rows` (None: all), -1 if absent."""
+    if rows is None:
+        return list(range(n))
+    at = [-1] * n
+    for i, r in enumerate(rows.tolist()):
+        at[r] = i
+    return at
+
+
 log = logging.getLogger("moepost.moe")
 
 
@@ -313,11 +323,11 @@ class RouterTools:
         if not self.wants_generation_routes or not hasattr(engine, "step_callback"):
             yield holder
             return
-        phases: list[str] = []
+        phases: list[tuple[str, torch.Tensor | None]] = []  # (phase, chunk rows of the call)
         previous = engine.step_callback
 
         def callback(step: int, phase: str) -> None:
-            phases.append(phase)
+            phases.append((phase, getattr(engine, "batch_rows", None)))
             if previous is not None:
                 previous(step, phase)
 
@@ -336,8 +346,9 @@ class RouterTools:
 
         The HF engine runs chunks of whole groups: a prefill over the chunk's distinct prompts
         (left-padded, batch-major rows) shared by their G samples, then one decode call per
-        new token over all B_c*G rows; decode call j feeds completion token j-1. A token that
-        was never fed (a row's last one) gets -1, which replay treats as "router decides".
+        new token over the B_c*G rows still in its batch (all, or the `batch_rows` recorded
+        with the call); decode call j feeds completion token j-1. A token that was never fed
+        (a row's last one) gets -1, which replay treats as "router decides".
         """
         if not holder:
             return None
@@ -345,7 +356,7 @@ class RouterTools:
         per_layer = [[r.indices for r in records] for records in cap.records]
         group = batch.group_size
         per_chunk = max(1, micro_batch_size // group) if micro_batch_size else len(prompts)
-        starts = [i for i, p in enumerate(phases) if p == "prefill"]
+        starts = [i for i, (p, _) in enumerate(phases) if p == "prefill"]
         routes: list[torch.Tensor] = []
         for c, call0 in enumerate(starts):
             chunk = prompts[c * per_chunk : (c + 1) * per_chunk]
@@ -354,15 +365,17 @@ class RouterTools:
             prefill = torch.stack([calls[call0] for calls in per_layer])  # [L, Bc*Pc, K]
             prefill = prefill.reshape(self.num_layers, len(chunk), p_len, self.top_k)
             decode = [torch.stack([calls[j] for calls in per_layer]) for j in range(call0 + 1, end)]
+            where = [_positions(phases[j][1], len(chunk) * group) for j in range(call0 + 1, end)]
             for b, prompt in enumerate(chunk):
                 for g in range(group):
                     row = (c * per_chunk + b) * group + g
                     n_comp = len(batch.completion_ids[row])
                     out = prefill.new_full((self.num_layers, len(prompt) + n_comp, self.top_k), -1)
                     out[:, : len(prompt)] = prefill[:, b, p_len - len(prompt) :]
-                    fed = min(n_comp, len(decode))
-                    for j in range(fed):
-                        out[:, len(prompt) + j] = decode[j][:, b * group + g]
+                    for j in range(min(n_comp, len(decode))):
+                        at = where[j][b * group + g]
+                        if at >= 0:  # the row was still in the batch of decode call j
+                            out[:, len(prompt) + j] = decode[j][:, at]
                     routes.append(out)
         return routes
 

@@ -340,9 +340,12 @@ def measure_rollout_gap(s: DoctorSetup) -> dict[str, float]:
         stop=list(g.stop),
         seed=s.cfg.train.seed,
     )
-    phases: list[str] = []
+    phases: list[tuple[str, torch.Tensor | None]] = []  # as RouterTools.capture_generation
     engine = HFRolloutEngine(
-        s.model, s.tokenizer, device=s.device, step_callback=lambda i, phase: phases.append(phase)
+        s.model,
+        s.tokenizer,
+        device=s.device,
+        step_callback=lambda i, phase: phases.append((phase, engine.batch_rows)),
     )
     prompts = s.prompts[:ROLLOUT_PROMPTS]
     with capture_routing(s.model, keep_logits=False) as gen_cap:
