@@ -27,29 +27,24 @@ from typing import Any, Literal
 
 import torch
 
-from moepost.algorithms.logprobs import token_logprobs
 from moepost.algorithms.moe import (
     expert_load_stats,
     load_balancing_loss,
     looks_like_probabilities,
-    routing_drift,
 )
 from moepost.components.moe import (
     RouterCapture,
     capture_routing,
-    replay_routing,
     router_parameters,
     unwrap_model,
 )
-from moepost.components.rollout import HFRolloutEngine, SamplingParams, build_training_tensors
+from moepost.components.rollout import build_training_tensors
 from moepost.components.router_tools import RouterTools
 from moepost.config.schema import Config
+from moepost.tools.doctor_rollout import measure_rollout_gap
 
 Status = Literal["OK", "WARN", "FAIL"]
 NUM_PROMPTS = 4  # prompts in the router probe (checks 2-5)
-ROLLOUT_PROMPTS = 2  # prompts x up to ROLLOUT_SAMPLES samples in the train-vs-rollout check
-ROLLOUT_SAMPLES = 2
-ROLLOUT_TOKENS = 16
 GAP_WARN = 0.05  # mean |train - rollout| log-prob per completion token
 FLIP_WARN = 0.1  # share of (layer, token) whose top-k set differs
 
@@ -320,90 +315,6 @@ def _rollout_checks(s: DoctorSetup) -> list[Check]:
             detail += ": enable moe.routing_replay=r3 (replays the rollout's experts) or freeze the router"
         checks.append(Check("train vs rollout routing", "WARN" if warn else "OK", detail))
     return checks
-
-
-def measure_rollout_gap(s: DoctorSetup) -> dict[str, float]:
-    """Sample a few completions, capture their routes, compare with the training forward.
-
-    Returns gap_mean / gap_max (|train - rollout| log-prob over completion tokens), tokens,
-    and for a MoE model flip_rate / replaced_share (generation vs training routes) and, with
-    routing_replay r3, gap_replayed (the training forward replaying the generation routes).
-    """
-    g = s.cfg.generation
-    temperature = g.temperature if g.temperature > 0 else 1.0
-    params = SamplingParams(
-        num_samples_per_prompt=max(1, min(g.num_samples_per_prompt, ROLLOUT_SAMPLES)),
-        max_new_tokens=min(g.max_new_tokens, ROLLOUT_TOKENS),
-        temperature=temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        stop=list(g.stop),
-        seed=s.cfg.train.seed,
-    )
-    phases: list[tuple[str, torch.Tensor | None]] = []  # as RouterTools.capture_generation
-    engine = HFRolloutEngine(
-        s.model,
-        s.tokenizer,
-        device=s.device,
-        step_callback=lambda i, phase: phases.append((phase, engine.batch_rows)),
-    )
-    prompts = s.prompts[:ROLLOUT_PROMPTS]
-    with capture_routing(s.model, keep_logits=False) as gen_cap:
-        batch = engine.generate(prompts, params)
-    lay = build_training_tensors(
-        batch.prompt_ids, batch.completion_ids, engine.pad_token_id, s.device
-    )
-    mask = lay["completion_mask"]  # [N, T]
-    rollout = batch.logprobs.to(s.device)[:, : mask.shape[1]]
-    logprobs, train_cap = _training_pass(s, lay, temperature)
-    tokens = float(mask.sum())
-    gap = (logprobs - rollout).abs() * mask
-    out = {
-        "gap_mean": float(gap.sum()) / max(tokens, 1.0),
-        "gap_max": float(gap.max()),
-        "tokens": tokens,
-    }
-    if not s.router.layers:
-        return out
-    # The RL recipe's own R3 path lays the generation routes out in the training layout, so
-    # this also checks that path: in float32 the flip rate must be exactly 0.
-    routes = s.router.generation_routes([gen_cap, phases], prompts, batch, 0)
-    num_rows, seq = lay["input_ids"].shape
-    s.router.set_rollout_routes(routes, batch.prompt_ids, seq, lay["prompt_length"])
-    full, s.router.rollout_routes = s.router.rollout_routes, None  # [L, N, S, K], -1: not fed
-    num_layers, top_k = full.shape[0], full.shape[-1]
-    train = train_cap.indices().reshape(num_layers, num_rows, seq, top_k)
-    p_len = lay["prompt_length"]
-    gen, train = full[:, :, p_len:], train[:, :, p_len:]
-    fed = mask.bool() & (gen[0, :, :, 0] >= 0)  # the last token of a row is never fed back
-    flat = (gen.reshape(num_layers, -1, top_k), train.reshape(num_layers, -1, top_k))
-    drift = routing_drift(*flat, fed.flatten())
-    out["flip_rate"] = float(drift["flip_rate"])
-    out["replaced_share"] = float(drift["replaced_share"])
-    if s.cfg.moe.routing_replay == "r3":
-        with replay_routing(s.model, full.reshape(num_layers, num_rows * seq, top_k)):
-            replayed, _ = _training_pass(s, lay, temperature)
-        out["gap_replayed"] = float(((replayed - rollout).abs() * mask).sum()) / max(tokens, 1.0)
-    return out
-
-
-def _training_pass(
-    s: DoctorSetup, lay: dict[str, Any], temperature: float
-) -> tuple[torch.Tensor, RouterCapture]:
-    """[N, T] log-probs of the completions from the training-layout forward, and its routes."""
-    s.model.train()
-    inputs = {k: lay[k] for k in ("input_ids", "attention_mask", "position_ids")}
-    keep = lay["num_completion_positions"] + 1
-    with torch.no_grad(), capture_routing(s.model, keep_logits=False) as cap:
-        logits = s.model(**inputs, use_cache=False, logits_to_keep=keep).logits[:, :-1]
-        logprobs = token_logprobs(
-            logits,
-            lay["completion_ids"],
-            temperature=temperature,
-            logits_clip=s.cfg.stability.logits_clip,
-            logprob_min=s.cfg.stability.logprob_min,
-        )
-    return logprobs, cap
 
 
 # ---- memory ---------------------------------------------------------------------------------
