@@ -319,18 +319,28 @@ def aggregate(
     }
 
 
-def parse_side_args(doc: str, quick_help: str, argv: list[str] | None) -> argparse.Namespace:
-    """The command line of a moepost-vs-TRL benchmark (threads resolved, machine line printed)."""
+def bench_parser(
+    doc: str, quick_help: str, *, runs: int | None = 3, before: bool = True
+) -> argparse.ArgumentParser:
+    """--runs, --quick, --threads and (with `before`) --before, as every benchmark reads them."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=runs, help="alternating runs per side")
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument(
         "--threads",
         default="auto",
         help=f"torch threads per job (default auto: {NUM_THREADS}, or 1 on a busy machine)",
     )
-    parser.add_argument("--before", action="store_true", help=BEFORE_HELP)
-    args = parser.parse_args(argv)
+    if before:
+        parser.add_argument("--before", action="store_true", help=BEFORE_HELP)
+    return parser
+
+
+def parse_side_args(
+    doc: str, quick_help: str, argv: list[str] | None, *, before: bool = True
+) -> argparse.Namespace:
+    """The command line of one benchmark (threads resolved, machine line printed)."""
+    args = bench_parser(doc, quick_help, before=before).parse_args(argv)
     args.threads = resolve_threads(args.threads)
     print(machine_line(args.threads))
     return args

@@ -94,7 +94,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_side_args(__doc__, "5 steps per run instead of 10", argv)
+    args = parse_side_args(__doc__, "5 steps per run instead of 10", argv, before=False)
     run(args.runs, args.quick, threads=args.threads)
     return 0
 

@@ -11,7 +11,6 @@ figures printed per run say how much to trust a ratio.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -23,8 +22,7 @@ if __package__ in (None, ""):
 
 from bench import moe_layer, rl_vs_trl, sft_vs_trl  # noqa: E402
 from bench.common import (  # noqa: E402
-    BEFORE_HELP,
-    NUM_THREADS,
+    bench_parser,
     machine_line,
     markdown_table,
     ratio,
@@ -56,16 +54,8 @@ def summary(rl: dict[str, Any], sft: dict[str, Any], layer: dict[str, Any]) -> s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="2 runs each and fewer steps")
-    parser.add_argument("--runs", type=int, default=None, help="alternating runs per side")
+    parser = bench_parser(__doc__, "2 runs each and fewer steps", runs=None)
     parser.add_argument("--json", type=Path, default=None, help="also write every figure here")
-    parser.add_argument(
-        "--threads",
-        default="auto",
-        help=f"torch threads per job (default auto: {NUM_THREADS}, or 1 on a busy machine)",
-    )
-    parser.add_argument("--before", action="store_true", help=BEFORE_HELP)
     args = parser.parse_args(argv)
     args.threads = resolve_threads(args.threads)
     runs = args.runs or (2 if args.quick else 3)
