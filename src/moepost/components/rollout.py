@@ -257,12 +257,12 @@ class HFRolloutEngine:
     def _generate_chunk(
         self, prompts: list[list[int]], params: SamplingParams, generator: torch.Generator
     ) -> _ChunkOut:
+        self.batch_rows = None
         cache, logits, attention_mask = self._prefill(
             prompts, params.num_samples_per_prompt, params.max_new_tokens
         )
         n = logits.shape[0]
         rows = None  # chunk rows in the model's decode batch (None: all n)
-        self.batch_rows = None
         eos = torch.tensor(self.eos_token_ids, device=self.device)
         reasons = torch.zeros(n, dtype=torch.long, device=self.device)
         lengths = torch.zeros(n, dtype=torch.long, device=self.device)
