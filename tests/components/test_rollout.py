@@ -275,10 +275,12 @@ def test_reserved_cache_generation_is_bit_identical(model, tokenizer, prompts, m
     assert torch.equal(fast.logprobs, plain.logprobs)
 
 
-def test_finished_rows_leave_the_decode_batch(model, tokenizer, prompts):
+@pytest.mark.parametrize("chunk_rows", [0, 8])
+def test_finished_rows_leave_the_decode_batch(model, tokenizer, prompts, chunk_rows):
     """compact_finished drops finished rows from the decode batch (and their KV cache rows):
     same tokens, finish reasons and log-probs as keeping every row, the same routes for every
-    token it fed, and forwards that really ran on fewer rows."""
+    token it fed, and forwards that really ran on fewer rows (in one chunk of 12 rows, or in
+    chunks of 8 and 4)."""
     from moepost.components.router_tools import RouterTools
     from moepost.config.schema import MoEConfig
 
@@ -287,14 +289,20 @@ def test_finished_rows_leave_the_decode_batch(model, tokenizer, prompts):
     runs = {}
     for compact in (True, False):
         sizes: list[int] = []
-        eng = engine(model, tokenizer, eos_token_ids=eos_ids, compact_finished=compact)
-        eng.step_callback = lambda s, p, e=eng: sizes.append(
+        eng = engine(
+            model,
+            tokenizer,
+            eos_token_ids=eos_ids,
+            compact_finished=compact,
+            micro_batch_size=chunk_rows,
+        )
+        eng.step_callback = lambda s, p, e=eng, out=sizes: out.append(
             len(e.batch_rows) if e.batch_rows is not None else -1
         )
         router = RouterTools(model, MoEConfig(routing_replay="r3"))
         with router.capture_generation(eng) as holder:
             batch = eng.generate(prompts, params)
-        routes = router.generation_routes(holder, prompts, batch, micro_batch_size=0)
+        routes = router.generation_routes(holder, prompts, batch, micro_batch_size=chunk_rows)
         runs[compact] = (batch, routes, sizes)
     (fast, fast_routes, sizes), (full, full_routes, _) = runs[True], runs[False]
     lengths = [len(c) for c in full.completion_ids]
