@@ -89,20 +89,26 @@ def test_accumulation_equivalence(tiny_model: Path, tmp_path: Path) -> None:
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("packing", [False, True])
 def test_token_budget_micro_batches_equal_row_micro_batches(
-    tiny_model: Path, tmp_path: Path
+    tiny_model: Path, tmp_path: Path, packing: bool
 ) -> None:
-    """train.micro_batch_tokens regroups a step's examples (longest first, as many as fit the
-    budget); the loss is normalised over the whole step, so losses and weights stay those of
-    row micro-batches (aux loss off: a per-micro-batch statistic)."""
-    rows = format_rows("messages", n=16)
+    """train.micro_batch_tokens regroups a step's examples (or packed rows; longest first, as
+    many as fit the budget); the loss is normalised over the whole step, so losses and weights
+    stay those of row micro-batches (aux loss off: a per-micro-batch statistic)."""
+    rows = format_rows("messages", n=16 if not packing else 48)
     for i, row in enumerate(rows):  # lengths that differ, so the budget groups unevenly
         row["messages"][1]["content"] += " ok" * (i % 5)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
+    budget = 128 if packing else 90  # packed rows fill up to max_seq_length = 64 tokens
     runs = {}
-    for name, train in (("rows", {"micro_batch_size": 4}), ("tokens", {"micro_batch_tokens": 90})):
+    for name, train in (
+        ("rows", {"micro_batch_size": 4}),
+        ("tokens", {"micro_batch_tokens": budget}),
+    ):
         out = tmp_path / name
         cfg = sft_config(tiny_model, data, out, train=train, moe={"router_aux_loss_coef": 0.0})
+        cfg["data"]["packing"] = packing
         run_sft(make_config(cfg))
         log = [r for r in read_log(out) if "loss" in r]
         runs[name] = (log, _final_weights(out))
