@@ -22,10 +22,10 @@ projection is one `torch.bmm`: on CPU `_grouped_mm` runs one small GEMM per expe
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
+
+from moepost.components.moe_routers import unwrap_model
 
 NAME = "moepost_grouped"
 PADDED_MAX_ROWS = 64  # padded-bmm path only up to this many rows per expert
@@ -121,14 +121,9 @@ def register() -> None:
         ALL_EXPERTS_FUNCTIONS.register(NAME, sorted_experts_forward)
 
 
-def _base(model: nn.Module) -> Any:
-    """The transformers model under a PEFT wrapper (the model itself otherwise)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def supports_experts_implementation(model: nn.Module) -> bool:
     """True when the model's MoE blocks dispatch through transformers' experts interface."""
-    base = _base(model)
+    base = unwrap_model(model)
     config = getattr(base, "config", None)
     if getattr(config, "_experts_implementation", None) is None:
         return False
@@ -138,7 +133,7 @@ def supports_experts_implementation(model: nn.Module) -> bool:
 
 def experts_in_use(model: nn.Module) -> str | None:
     """The model's current `experts_implementation`, None when it has no pluggable experts."""
-    base = _base(model)
+    base = unwrap_model(model)
     if not supports_experts_implementation(model):
         return None
     return str(base.config._experts_implementation)
@@ -154,7 +149,7 @@ def apply_experts_implementation(model: nn.Module, requested: str, device: torch
     in use ("n/a" for a model without pluggable experts)."""
     if not supports_experts_implementation(model):
         return "n/a"
-    base = _base(model)
+    base = unwrap_model(model)
     name = auto_experts_implementation(device) if requested == "auto" else requested
     if name == NAME:
         register()
