@@ -12,7 +12,8 @@ import pytest
 from matplotlib.image import imread
 
 from moepost.errors import UserError
-from moepost.tools.report import as_float, load_jsonl, series, write_report
+from moepost.tools.report import write_report
+from moepost.tools.run_log import as_float, load_jsonl, series
 
 ROLLOUT_TEXT = "The answer is <b>42</b> & done"
 RL_PLOTS = [
