@@ -7,14 +7,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from moepost.components.model import (
+from moepost.components.lora import (
     apply_lora,
     describe_parameters,
+    lora_target_parameters,
+    parameter_report,
+)
+from moepost.components.model import (
     load_policy,
     load_reference,
     load_tokenizer,
-    lora_target_parameters,
-    parameter_report,
     resolve_device,
     resolve_dtype,
 )

@@ -27,12 +27,11 @@ import torch
 from moepost.algorithms.advantages import group_advantages, rewards_to_tensor
 from moepost.components.data import load_rl_data
 from moepost.components.logging import Console
+from moepost.components.lora import describe_parameters, parameter_report
 from moepost.components.model import (
-    describe_parameters,
     load_policy,
     load_reference,
     load_tokenizer,
-    parameter_report,
 )
 from moepost.components.noise import NoiseInjector
 from moepost.components.rewards import (

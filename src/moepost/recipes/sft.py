@@ -23,12 +23,8 @@ import torch
 
 from moepost.algorithms.sft_loss import sft_loss
 from moepost.components.data import load_sft_data
-from moepost.components.model import (
-    describe_parameters,
-    load_policy,
-    load_tokenizer,
-    parameter_report,
-)
+from moepost.components.lora import describe_parameters, parameter_report
+from moepost.components.model import load_policy, load_tokenizer
 from moepost.components.packing import (
     collate_packed,
     collate_sft,

@@ -148,7 +148,7 @@ def _meta_counts(config: Any, cfg: Config, dtype: torch.dtype) -> ParamCounts:
     """Build the model on the meta device, set it up as the run would, and count."""
     from transformers import AutoModelForCausalLM
 
-    from moepost.components.model import apply_lora
+    from moepost.components.lora import apply_lora
     from moepost.components.moe import freeze_router
 
     with warnings.catch_warnings(), torch.device("meta"):
