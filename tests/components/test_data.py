@@ -16,16 +16,14 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import PreTrainedTokenizerFast
 
 from moepost.components.data import (
-    FORMAT_CONVERTERS,
     IGNORE_INDEX,
     SFTExample,
-    convert_gsm8k_to_chat,
     load_rl_data,
     load_rows,
     load_sft_data,
-    read_rows,
     tokenize_conversation,
 )
+from moepost.components.data_files import FORMAT_CONVERTERS, convert_gsm8k_to_chat, read_rows
 from moepost.components.data_formats import detect_format
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
