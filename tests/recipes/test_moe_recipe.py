@@ -132,37 +132,55 @@ def test_trimmed_pad_columns_change_nothing_under_r3(
     assert rows["trimmed"][0]["moe/route_flip_rate_rollout_train"] == 0.0
 
 
-VARIANTS = {
-    "tokens": ({"micro_batch_tokens": 100}, {}),
-    "packed": ({"micro_batch_size": 4}, {"packing": True}),
-    "packed_tokens": ({"micro_batch_tokens": 150}, {"packing": True}),
+VARIANTS = {  # name: (train, data, rl) overrides
+    "tokens": ({"micro_batch_tokens": 100}, {}, {}),
+    "packed": ({"micro_batch_size": 4}, {"packing": True}, {}),
+    "packed_tokens": ({"micro_batch_tokens": 150}, {"packing": True}, {}),
+    "unshared": ({"micro_batch_size": 8}, {}, {"shared_prefix": False}),
+    "unshared_tokens": ({"micro_batch_tokens": 100}, {}, {"shared_prefix": False}),
 }
 
 
 @pytest.mark.parametrize("replay", ["r3", "r2"])
-def test_token_budget_and_packing_change_nothing(
+def test_token_budget_packing_and_shared_prefix_change_nothing(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, replay: str
 ) -> None:
     """train.micro_batch_tokens cuts the step's rows into consecutive slices of varying size,
-    and data.packing runs each micro-batch as one padding-free row: losses, KL, aux loss,
-    entropy, gaps and routing replay (R3 from the rollout; R2 from the old-policy pass, over two
-    updates) equal one padded micro-batch of all rows (aux scope global, so the aux loss does
-    not depend on the split either)."""
+    data.packing runs each micro-batch as one padding-free row, and rl.shared_prefix (on by
+    default) runs each group's prompt once: losses, KL, aux loss, entropy, gaps and routing
+    replay (R3 from the rollout; R2 from the old-policy pass, over two updates) equal one padded
+    micro-batch of all rows (aux scope global, so the aux loss does not depend on the split
+    either)."""
+    from moepost.recipes import rl_update
+
     _perturbed_rollout_routers(monkeypatch, scale=0.5)
+    shared_calls: list[int] = []
+    real_shared = rl_update.shared_prefix_logits
+
+    def spy(model: torch.nn.Module, inputs: dict, share: object) -> torch.Tensor:
+        shared_calls.append(int(inputs["input_ids"].shape[0]))
+        return real_shared(model, inputs, share)
+
+    monkeypatch.setattr(rl_update, "shared_prefix_logits", spy)
     rows_in = format_rows("gsm8k", n=12)
     for i, row in enumerate(rows_in):  # prompts of clearly different lengths
         row["question"] = "Please answer. " * (i % 3) + row["question"]
     data_file = write_jsonl(tmp_path / "d.jsonl", rows_in)
-    logs = {}
-    rl = {"kl_coef": 0.1, "num_policy_updates": 2 if replay == "r2" else 1}
+    logs, calls = {}, {}
     moe = {"routing_replay": replay, "aux_loss_scope": "global"}
-    for name, (train, data_cfg) in {"rows": ({"micro_batch_size": 8}, {}), **VARIANTS}.items():
+    runs = {"rows": ({"micro_batch_size": 8}, {}, {}), **VARIANTS}
+    for name, (train, data_cfg, rl_extra) in runs.items():
         out = tmp_path / name
+        rl = {"kl_coef": 0.1, "num_policy_updates": 2 if replay == "r2" else 1, **rl_extra}
         cfg = rl_config(tiny_model, data_file, out, moe=moe, rl=rl, train=train)
         cfg["data"].update(data_cfg)
+        shared_calls.clear()
         run_rl(make_config(cfg))
-        logs[name] = [r for r in read_log(out) if "loss" in r]
+        logs[name], calls[name] = [r for r in read_log(out) if "loss" in r], list(shared_calls)
     assert [r["train/micro_batches"] for r in logs["rows"]] == [1, 1]
+    # the shared path ran on every micro-batch of the default runs, and only there
+    assert calls["rows"] and set(calls["rows"]) == {8}, calls["rows"]
+    assert calls["tokens"] and not calls["unshared"] and not calls["packed"]
     assert all(r["train/micro_batches"] >= 2 for r in logs["tokens"]), logs["tokens"]
     keys = ["loss", "kl", "aux_loss", "logprob_gap/mean", "grad_norm", "entropy"]
     keys.append("moe/route_flip_rate_rollout_train")

@@ -169,6 +169,7 @@ class RouterCapture:
         self.keep_logits = keep_logits
         self.records: list[list[RouterRecord]] = [[] for _ in layers]
         self._slot = {info.index: j for j, info in enumerate(layers)}
+        self._order: torch.Tensor | None = None  # see `reorder`
 
     def _record(
         self, index: int, logits: torch.Tensor, indices: torch.Tensor, own: torch.Tensor
@@ -186,6 +187,12 @@ class RouterCapture:
     def clear(self) -> None:
         """Drop every record (and with them the graphs their logits hold)."""
         self.records = [[] for _ in self.layers]
+        self._order = None
+
+    def reorder(self, order: torch.Tensor) -> None:
+        """Read the calls' rows as `cat(rows)[order]` from now on (a shared-prefix forward's
+        records, read in the order of the padded forward they replace; rows may repeat)."""
+        self._order = order
 
     def _gather(self, field_name: str, layer: int | None) -> torch.Tensor:
         slots = range(len(self.layers)) if layer is None else [self._slot_of(layer)]
@@ -198,7 +205,8 @@ class RouterCapture:
                 )
             if parts[0] is None:
                 raise RuntimeError("router logits were not kept: capture with keep_logits=True")
-            per_layer.append(torch.cat(parts, dim=0))
+            rows = torch.cat(parts, dim=0)
+            per_layer.append(rows if self._order is None else rows[self._order.to(rows.device)])
         if layer is not None:
             return per_layer[0]
         if not per_layer:

@@ -32,6 +32,7 @@ from moepost.components.moe import (
     replay_routing,
     unwrap_model,
 )
+from moepost.components.shared_prefix import PrefixShare
 from moepost.config.schema import MoEConfig
 
 ALL = slice(None)  # every column of a micro-batch's rows
@@ -47,6 +48,14 @@ def select_tokens(x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         picked = x[:, :, tokens]
         return picked.reshape(x.shape[0], -1, *x.shape[3:])
     return x[:, tokens]
+
+
+def _replay_source(routes: torch.Tensor, share: PrefixShare | None) -> ReplaySource:
+    """Padded-order routes [L, N, K] for one forward, or split over a shared-prefix forward's
+    two calls."""
+    return (
+        ReplaySource.single(routes) if share is None else ReplaySource(share.split_routes(routes))
+    )
 
 
 def _positions(rows: torch.Tensor | None, n: int) -> list[int]:
@@ -253,36 +262,43 @@ class RouterTools:
             self._drift.setdefault(key, []).append((float(value), float(mask.sum())))
 
     @contextmanager
-    def record_routes(self, sl: slice, cols: Tokens = ALL) -> Iterator[None]:
-        """Old-policy pass of micro-batch `sl` (columns `cols` of the step's rows): record its
-        routes (R2 replays them)."""
+    def record_routes(
+        self, sl: slice, cols: Tokens = ALL, share: PrefixShare | None = None
+    ) -> Iterator[None]:
+        """Old-policy pass of micro-batch `sl` (columns `cols` of the step's rows; `share`: a
+        shared-prefix forward): record its routes (R2 replays them)."""
         if not self.layers or self.cfg.routing_replay != "r2":
             yield None
             return
-        replay = self._rollout_replay(sl, cols)
+        replay = self._rollout_replay(sl, cols, share)
         with ExitStack() as stack:
             if replay is not None:
                 stack.enter_context(replay_routing(self.model, replay))
             cap = stack.enter_context(capture_routing(self.model, keep_logits=False))
             yield None
+        if share is not None:
+            cap.reorder(share.to_padded)
         self._recorded[(sl.start, sl.stop)] = cap.indices()
 
-    def _rollout_replay(self, sl: slice, cols: Tokens) -> ReplaySource | None:
+    def _rollout_replay(
+        self, sl: slice, cols: Tokens, share: PrefixShare | None
+    ) -> ReplaySource | None:
         if self.cfg.routing_replay != "r3" or self.rollout_routes is None:
             return None
-        routes = select_tokens(self.rollout_routes[:, sl], cols)
-        return ReplaySource.single(routes)
+        return _replay_source(select_tokens(self.rollout_routes[:, sl], cols), share)
 
-    def replay_for(self, sl: slice, update_index: int, cols: Tokens = ALL) -> ReplaySource | None:
-        """Routes the training pass of micro-batch `sl` (columns `cols`) must use (None: the
-        router decides)."""
+    def replay_for(
+        self, sl: slice, update_index: int, cols: Tokens = ALL, share: PrefixShare | None = None
+    ) -> ReplaySource | None:
+        """Routes the training pass of micro-batch `sl` (columns `cols`; `share`: a
+        shared-prefix forward) must use (None: the router decides)."""
         if not self.layers:
             return None
         if self.cfg.routing_replay == "r3":
-            return self._rollout_replay(sl, cols)
+            return self._rollout_replay(sl, cols, share)
         recorded = self._recorded.get((sl.start, sl.stop))
         if self.cfg.routing_replay == "r2" and recorded is not None:
-            return ReplaySource.single(recorded)
+            return _replay_source(recorded, share)
         return None
 
     def observe_training_routes(

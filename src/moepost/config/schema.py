@@ -100,6 +100,8 @@ class RLConfig:
     max_dynamic_sampling_rounds: int = 3
     overlong_shaping: bool | None = None
     overlong_cache_length: int = 64
+    # Training forwards run each micro-batch's shared prompt prefix once (G samples -> 1)
+    shared_prefix: bool = True
 
 
 @dataclass

@@ -28,11 +28,7 @@ from moepost.algorithms.advantages import group_advantages, rewards_to_tensor
 from moepost.components.data import load_rl_data
 from moepost.components.logging import Console
 from moepost.components.lora import describe_parameters, parameter_report
-from moepost.components.model import (
-    load_policy,
-    load_reference,
-    load_tokenizer,
-)
+from moepost.components.model import load_policy, load_reference, load_tokenizer
 from moepost.components.noise import NoiseInjector
 from moepost.components.rewards import (
     RewardScores,
@@ -45,11 +41,7 @@ from moepost.components.rewards.length import overlong_penalty
 from moepost.components.rollout import RolloutBatch, SamplingParams, build_engine
 from moepost.components.router_tools import RouterTools
 from moepost.config.schema import Config
-from moepost.distributed import (
-    DistContext,
-    attach_optimizer,
-    prepare_model,
-)
+from moepost.distributed import DistContext, attach_optimizer, prepare_model
 from moepost.errors import UserError
 from moepost.recipes.common import (
     EVAL_LOGS,
@@ -71,6 +63,7 @@ from moepost.recipes.rl_update import (
     logprob_pass,
     plan_micro_batches,
     policy_update,
+    shared_prefix_off,
     tensors_for_step,
 )
 
@@ -107,6 +100,8 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     opt = Optimization(model, cfg, total)
     train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
     state = maybe_resume(run, resume, model, opt)
+    no_sharing = shared_prefix_off(cfg, dist, train_model, reference)
+    run.say(f"shared-prefix forwards: {'on' if no_sharing is None else f'off ({no_sharing})'}")
     noise = NoiseInjector(model, cfg.noise_injection, total, cfg.train.seed)
     console = Console(total, cfg.rl.algorithm, enabled=run.is_main)
     last: dict[str, Any] = {}
@@ -121,6 +116,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         advantages, adv_metrics = compute_advantages(scores, batch, cfg)
         tensors = tensors_for_step(batch, advantages, tokenizer.pad_token_id, device)
         tensors.packed = cfg.data.packing
+        tensors.shared_prefix = no_sharing is None
         tensors.micro_batches = plan_micro_batches(tensors, cfg, dist)
         width, num_completion = tensors.input_ids.shape[1], tensors.completion_ids.shape[1]
         router.set_rollout_routes(batch.routes, batch.prompt_ids, width, width - num_completion)

@@ -18,6 +18,11 @@ from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, tok
 from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
 from moepost.components.packing import without_trailing_padding_mask
 from moepost.components.router_tools import RouterTools, Tokens
+from moepost.components.shared_prefix import (
+    PrefixShare,
+    can_share_prefix,
+    shared_prefix_logits,
+)
 from moepost.config.schema import Config
 from moepost.distributed import DistContext
 from moepost.recipes.common import micro_batch_groups
@@ -40,6 +45,8 @@ class StepTensors:
     micro_batches: list[slice] = field(default_factory=list)
     # data.packing: each micro-batch is one padding-free row of its rows' real tokens
     packed: bool = False
+    # rl.shared_prefix: run a micro-batch's shared prompt prefixes once (`share`)
+    shared_prefix: bool = False
 
     @property
     def num_rows(self) -> int:
@@ -73,6 +80,15 @@ class StepTensors:
             "position_ids": self.position_ids[idx, cols],
         }
 
+    def share(self, idx: slice) -> PrefixShare | None:
+        """How rows `idx` (trimmed to `columns(idx)`) share prompt prefixes; None: they do not,
+        or sharing is off."""
+        if not self.shared_prefix or self.packed:
+            return None
+        cols = self.columns(idx)
+        T = int(self.completion_ids.shape[1])
+        return PrefixShare.find(self.input_ids[idx, cols], self.attention_mask[idx, cols], T)
+
     def select(self, mask: torch.Tensor, idx: slice) -> torch.Tensor:
         """[n*S'] / [N]: a [N_rows, S] per-token mask at the tokens rows `idx` show the model."""
         tokens = self.tokens(idx)
@@ -81,10 +97,15 @@ class StepTensors:
         return mask[idx][tokens]
 
 
-def completion_logits(model: torch.nn.Module, t: StepTensors, idx: slice) -> torch.Tensor:
+def completion_logits(
+    model: torch.nn.Module, t: StepTensors, idx: slice, share: PrefixShare | None = None
+) -> torch.Tensor:
     """[n, T, V] logits predicting the T completion tokens of rows `idx` (only those positions
-    computed; packed, the positions past a row's end hold zeros, which every use masks out)."""
+    computed; packed, the positions past a row's end hold zeros, which every use masks out;
+    `share`: each shared prompt prefix runs once)."""
     T = t.completion_ids.shape[1]
+    if share is not None:
+        return shared_prefix_logits(model, t.rows(idx), share)
     if not t.packed:
         inputs = without_trailing_padding_mask(t.rows(idx))
         return model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
@@ -98,6 +119,23 @@ def completion_logits(model: torch.nn.Module, t: StepTensors, idx: slice) -> tor
     logits = model(**t.rows(idx), use_cache=False, logits_to_keep=flat[want]).logits[0]
     out = logits.new_zeros(real.shape[0], T, logits.shape[-1])
     return out.index_put(completion.nonzero(as_tuple=True), logits)
+
+
+def shared_prefix_off(
+    cfg: Config, dist: DistContext, *models: torch.nn.Module | None
+) -> str | None:
+    """None when the step's forwards may share prompt prefixes (`rl.shared_prefix`), else why
+    not (said in the run log)."""
+    if not cfg.rl.shared_prefix:
+        return "rl.shared_prefix is false"
+    if cfg.data.packing:
+        return "data.packing runs padding-free rows instead"
+    if dist.world_size > 1:
+        return "not yet with more than one process"
+    for model in models:
+        if model is not None and (why := can_share_prefix(model)) is not None:
+            return why
+    return None
 
 
 def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = None) -> list[slice]:
@@ -132,10 +170,10 @@ def logprob_pass(
     ctx = model.disable_adapter() if disable_adapter else nullcontext()
     with ctx:
         for sl in micro_slices(t, cfg):
-            cols = t.tokens(sl)
-            record = router.record_routes(sl, cols) if router is not None else nullcontext()
+            cols, share = t.tokens(sl), t.share(sl)
+            record = router.record_routes(sl, cols, share) if router is not None else nullcontext()
             with record:
-                logits = completion_logits(model, t, sl)
+                logits = completion_logits(model, t, sl, share)
             out[sl] = _logprobs(logits, t.completion_ids[sl], cfg)
     return out
 
@@ -208,9 +246,11 @@ def policy_update(
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
         mask = t.completion_mask[sl]
-        cols = t.tokens(sl)
-        with router.capture(replay=router.replay_for(sl, update_index, cols)) as cap:
-            logits = completion_logits(model, t, sl)
+        cols, share = t.tokens(sl), t.share(sl)
+        with router.capture(replay=router.replay_for(sl, update_index, cols, share)) as cap:
+            logits = completion_logits(model, t, sl, share)
+        if cap is not None and share is not None:
+            cap.reorder(share.to_padded)  # read the routes as the padded forward's
         logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
         bad = nonfinite_rows(logprobs.detach(), mask)
         if bool(bad.any()):

@@ -1,0 +1,123 @@
+"""Shared-prefix training forwards: the index maps, and equality with the padded forward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moepost.components.model import enable_gradient_checkpointing
+from moepost.components.shared_prefix import PrefixShare, can_share_prefix
+from moepost.config.schema import Config
+from moepost.distributed import DistContext
+from moepost.recipes.rl_update import (
+    StepTensors,
+    completion_logits,
+    shared_prefix_off,
+    tensors_for_step,
+)
+
+
+def test_find_groups_consecutive_equal_prefixes_and_maps_tokens_both_ways() -> None:
+    # 5 rows of width 5: a 3-column prompt block, then a 2-column completion block.
+    ids = torch.tensor(
+        [[0, 1, 2, 7, 8], [0, 1, 2, 9, 0], [0, 3, 4, 5, 6], [0, 3, 4, 5, 0], [5, 5, 5, 1, 1]]
+    )
+    mask = torch.tensor(
+        [[0, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+    )
+    share = PrefixShare.find(ids, mask, completion_width=2)
+    assert share is not None
+    assert share.representative.tolist() == [0, 2, 4]
+    assert share.owner.tolist() == [0, 0, 1, 1, 2]
+    assert share.call_sizes == (3 * 3, 5 * 2)
+    # shared order: prefixes of rows 0, 2, 4, then the completion columns of rows 0..4
+    assert share.to_shared.tolist() == [0, 1, 2, 10, 11, 12, 20, 21, 22] + [
+        3, 4, 8, 9, 13, 14, 18, 19, 23, 24
+    ]  # fmt: skip
+    # padded row 1 reads its prefix from run 0 (0, 1, 2) and its completion at 9 + 2..3
+    assert share.to_padded.view(5, 5)[1].tolist() == [0, 1, 2, 11, 12]
+    assert share.to_padded.view(5, 5)[3].tolist() == [3, 4, 5, 15, 16]
+    # A round trip gives the padded grid back, since rows of a run hold the same prefix.
+    grid = ids.flatten()
+    assert torch.equal(grid[share.to_shared][share.to_padded], grid)
+    routes = torch.arange(2 * 25 * 1).view(2, 25, 1)  # [L, N, K]
+    calls = share.split_routes(routes)
+    assert [len(c) for c in calls] == [2, 2]
+    assert [c.shape[0] for c in calls[1]] == [9, 10]
+    assert torch.equal(torch.cat(calls[1]), routes[1, share.to_shared])
+
+
+def test_find_returns_none_without_neighbours_sharing() -> None:
+    ids = torch.tensor([[1, 2, 3, 4], [1, 2, 5, 6], [1, 3, 3, 4]])
+    mask = torch.ones_like(ids)
+    assert PrefixShare.find(ids, mask, completion_width=2) is not None  # rows 0, 1 share [1, 2]
+    assert PrefixShare.find(ids[[0, 2]], mask[[0, 2]], completion_width=2) is None
+    assert PrefixShare.find(ids[:1], mask[:1], completion_width=2) is None  # one row
+    assert PrefixShare.find(ids, mask, completion_width=4) is None  # no prompt columns
+    other_mask = mask.clone()
+    other_mask[1, 0] = 0  # same ids, different padding: not the same prefix
+    assert PrefixShare.find(ids[:2], other_mask[:2], completion_width=2) is None
+
+
+# Two prompts sampled 3 and 2 times and a third one once; one row produced nothing.
+PROMPTS = [[5, 6, 7]] * 3 + [[8, 9, 10, 11, 12, 13]] * 2 + [[14, 15]]
+COMPLETIONS = [[20, 21, 22, 23], [24], [25, 26], [27, 28, 29], [], [30, 31]]
+
+
+def _tensors() -> StepTensors:
+    batch = SimpleNamespace(
+        prompt_ids=PROMPTS, completion_ids=COMPLETIONS, logprobs=torch.zeros(len(PROMPTS), 4)
+    )
+    t = tensors_for_step(batch, torch.zeros(len(PROMPTS)), 0, torch.device("cpu"))
+    t.shared_prefix = True
+    return t
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prefix_logits_and_grads_equal_the_padded_forward(
+    tiny_model: Path, attn: str
+) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn)
+    t = _tensors()
+    rows = slice(0, len(PROMPTS))
+    share = t.share(rows)
+    assert share is not None and share.representative.tolist() == [0, 3, 5]
+    mask = t.completion_mask.bool()
+    assert int(mask.sum()) == 12
+    results = []
+    for s in (None, share):
+        model.zero_grad()
+        logits = completion_logits(model, t, rows, s)
+        picked = logits.log_softmax(-1).gather(-1, t.completion_ids[..., None])[..., 0]
+        (picked * t.completion_mask).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((logits.detach(), grads))
+    (padded, g_padded), (shared, g_shared) = results
+    assert shared.shape == padded.shape
+    torch.testing.assert_close(shared[mask], padded[mask], rtol=1e-5, atol=1e-5)
+    assert g_shared.keys() == g_padded.keys()
+    for name in g_padded:
+        torch.testing.assert_close(g_shared[name], g_padded[name], rtol=1e-4, atol=1e-6)
+
+
+def test_sharing_is_off_where_it_cannot_run(tiny_model: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    cfg, one = Config(), DistContext()
+    assert can_share_prefix(model) is None
+    assert shared_prefix_off(cfg, one, model, None) is None
+    cfg.rl.shared_prefix = False
+    assert shared_prefix_off(cfg, one, model) == "rl.shared_prefix is false"
+    cfg = Config()
+    cfg.data.packing = True
+    assert "data.packing" in str(shared_prefix_off(cfg, one, model))
+    assert "process" in str(shared_prefix_off(Config(), DistContext(world_size=2), model))
+    enable_gradient_checkpointing(model)
+    assert "checkpointing" in str(can_share_prefix(model))
+    assert "checkpointing" in str(shared_prefix_off(Config(), one, model))
+    t = _tensors()
+    t.shared_prefix = False
+    assert t.share(slice(0, 6)) is None
