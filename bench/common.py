@@ -284,26 +284,30 @@ def machine_line(threads: int = NUM_THREADS) -> str:
 
 # ---------------------------------------------------------------- the `--before` side
 
-BEFORE = "moepost_grouped_mm"
+BEFORE = "moepost_before"
 BEFORE_HELP = (
-    "also run moepost with model.experts_implementation=grouped_mm (transformers' kernel, "
-    "moepost before moepost_grouped) as a third alternating side"
+    "also run moepost with its latest optimisation for this job switched off, as a third "
+    "alternating side (GSPO: rl.shared_prefix=false; SFT: transformers' grouped_mm experts)"
 )
-BEFORE_HEAD = ["moepost, grouped_mm experts", "moepost/that"]
+
+
+def before_head(label: str) -> list[str]:
+    """Table heads of the `--before` columns; `label` says what that side switches off."""
+    return [f"moepost, {label}", "moepost/that"]
 
 
 def side_jobs(
-    script: Path, p: dict[str, Any], workdir: Path, before: bool
+    script: Path, p: dict[str, Any], workdir: Path, before: dict[str, Any] | None
 ) -> dict[str, Callable[[int], ChildResult]]:
     """The alternating sides of a moepost-vs-TRL benchmark, run i of each in its own folder;
-    with `before`, also moepost on transformers' grouped_mm experts (the `--before` side)."""
+    with `before` (payload changes), also moepost without its latest optimisation."""
     jobs = {
         "moepost": lambda i: run_child(script, "moepost", p, workdir / f"moepost_{i}"),
         "trl": lambda i: run_child(script, "trl", p, workdir / f"trl_{i}"),
     }
-    if before:
-        grouped = {**p, "experts": "grouped_mm"}
-        jobs[BEFORE] = lambda i: run_child(script, "moepost", grouped, workdir / f"before_{i}")
+    if before is not None:
+        old = {**p, **before}
+        jobs[BEFORE] = lambda i: run_child(script, "moepost", old, workdir / f"before_{i}")
     return jobs
 
 

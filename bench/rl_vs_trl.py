@@ -24,13 +24,13 @@ if __package__ in (None, ""):
 
 from bench.common import (  # noqa: E402
     BEFORE,
-    BEFORE_HEAD,
     CACHE,
     NUM_THREADS,
     ChildResult,
     aggregate,
     alternate,
     before_cells,
+    before_head,
     child_entry,
     markdown_table,
     median,
@@ -47,6 +47,9 @@ from bench.workload import (  # noqa: E402
 )
 
 SCRIPT = Path(__file__).resolve()
+# `--before`: moepost with this job's latest optimisation off (payload changes), and its label
+BEFORE_SIDE: dict[str, Any] = {"overrides": ["rl.shared_prefix=false"]}
+BEFORE_LABEL = "rl.shared_prefix=false"
 
 
 def settings(quick: bool = False) -> dict[str, Any]:
@@ -125,6 +128,7 @@ def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
             "logging.save_final=false",
             f"misc.device={p['device']}",
             f"misc.num_threads={p.get('threads', 2)}",
+            *p.get("overrides", []),  # A/B sides, e.g. rl.shared_prefix=false
         ],
     )
     try:
@@ -326,7 +330,7 @@ def tables(agg: dict[str, dict[str, Any]], runs: int, steps: int) -> str:
         rows.append(row + before_cells(agg, key))
     head = ["GSPO step", "moepost", "TRL", "moepost/TRL", "moepost runs", "TRL runs"]
     if BEFORE in agg:
-        head += BEFORE_HEAD
+        head += before_head(BEFORE_LABEL)
     return (
         f"{runs} alternating runs each, {steps} steps per run, first step left out\n"
         + markdown_table(head, rows)
@@ -353,7 +357,7 @@ def run(
         f"active), {p['prompts_per_step']} prompts x G={p['group_size']}, "
         f"max_new_tokens {p['max_new_tokens']}, micro-batch {p['micro_batch_size']}"
     )
-    results = alternate(side_jobs(SCRIPT, p, workdir, before), runs, say)
+    results = alternate(side_jobs(SCRIPT, p, workdir, BEFORE_SIDE if before else None), runs, say)
     agg = {name: aggregate(res, lambda r: run_figures(r, 1)) for name, res in results.items()}
     text = tables(agg, runs, p["steps"])
     say(text)

@@ -24,13 +24,13 @@ if __package__ in (None, ""):
 
 from bench.common import (  # noqa: E402
     BEFORE,
-    BEFORE_HEAD,
     CACHE,
     NUM_THREADS,
     ChildResult,
     aggregate,
     alternate,
     before_cells,
+    before_head,
     child_entry,
     markdown_table,
     median,
@@ -47,6 +47,9 @@ from bench.workload import (  # noqa: E402
 )
 
 SCRIPT = Path(__file__).resolve()
+# `--before`: moepost with this job's latest optimisation off (payload changes), and its label
+BEFORE_SIDE: dict[str, Any] = {"experts": "grouped_mm"}
+BEFORE_LABEL = "grouped_mm experts"
 
 
 def settings(quick: bool = False) -> dict[str, Any]:
@@ -248,7 +251,7 @@ def tables(agg: dict[str, dict[str, Any]], runs: int, p: dict[str, Any]) -> str:
         rows.append(row + before_cells(agg, key))
     head = ["SFT step", "moepost", "TRL", "moepost/TRL", "moepost runs", "TRL runs"]
     if BEFORE in agg:
-        head += BEFORE_HEAD
+        head += before_head(BEFORE_LABEL)
     return (
         f"{runs} alternating runs each, {p['steps']} steps per run, first {p['warmup']} left "
         "out of the timings\n" + markdown_table(head, rows)
@@ -273,7 +276,7 @@ def run(
         f"SFT: Qwen3-MoE {counts['total'] / 1e6:.2f} M params, batch {p['batch_size']} "
         f"(micro {p['micro_batch_size']}), max length {p['max_length']}, lr {p['learning_rate']}"
     )
-    results = alternate(side_jobs(SCRIPT, p, workdir, before), runs, say)
+    results = alternate(side_jobs(SCRIPT, p, workdir, BEFORE_SIDE if before else None), runs, say)
     agg = {
         name: aggregate(res, lambda r: run_figures(r, p["warmup"])) for name, res in results.items()
     }
