@@ -58,6 +58,7 @@ def test_find_returns_none_without_neighbours_sharing() -> None:
     assert PrefixShare.find(ids[[0, 2]], mask[[0, 2]], completion_width=2) is None
     assert PrefixShare.find(ids[:1], mask[:1], completion_width=2) is None  # one row
     assert PrefixShare.find(ids, mask, completion_width=4) is None  # no prompt columns
+    assert PrefixShare.find(ids, mask, completion_width=0) is None  # no completion columns
     other_mask = mask.clone()
     other_mask[1, 0] = 0  # same ids, different padding: not the same prefix
     assert PrefixShare.find(ids[:2], other_mask[:2], completion_width=2) is None

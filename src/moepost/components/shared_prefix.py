@@ -48,7 +48,7 @@ class PrefixShare:
         are the completion block; None when no two neighbouring rows share their prefix."""
         n, width = input_ids.shape
         p = width - completion_width
-        if n < 2 or p < 1:
+        if n < 2 or p < 1 or completion_width < 1:
             return None
         same = (input_ids[1:, :p] == input_ids[:-1, :p]).all(dim=1)
         same &= (attention_mask[1:, :p] == attention_mask[:-1, :p]).all(dim=1)
