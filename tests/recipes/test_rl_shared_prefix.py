@@ -122,3 +122,25 @@ def test_sharing_is_off_where_it_cannot_run(tiny_model: Path) -> None:
     t = _tensors()
     t.shared_prefix = False
     assert t.share(slice(0, 6)) is None
+
+
+def test_token_budget_counts_each_shared_prompt_once() -> None:
+    """Rows 0-2: a 3-token prompt, 1-4 completion tokens; rows 3-4: 6-token prompt; row 5:
+    2-token prompt. T = 4 completion columns, so the rows are 7, 7, 7, 10, 10, 6 wide after
+    their own pad cut. A micro-batch feeds runs x (width - 4) + rows x 4 tokens."""
+    from moepost.recipes.rl_update import plan_micro_batches
+
+    t, cfg = _tensors(), Config()
+
+    def plan(budget: int) -> list[tuple[int, int]]:
+        cfg.train.micro_batch_tokens = budget
+        return [(s.start, s.stop) for s in plan_micro_batches(t, cfg)]
+
+    # 20: rows 0-2 feed 3 + 3 x 4 = 15; adding row 3 (a second run, width 10) would feed
+    # 2 x 6 + 4 x 4 = 28. Rows 3-4 feed 6 + 8 = 14; adding row 5: 2 x 6 + 3 x 4 = 24.
+    assert plan(20) == [(0, 3), (3, 5), (5, 6)]
+    # 30: rows 0-3 feed 28; adding row 4 gives 2 x 6 + 5 x 4 = 32. Rows 4-5: 2 x 6 + 8 = 20.
+    assert plan(30) == [(0, 4), (4, 6)]
+    assert plan(5) == [(i, i + 1) for i in range(6)]  # every row alone is over the budget
+    t.shared_prefix = False  # padded cost, rows x widest: 3 x 7 = 21, then 3 x 10 = 30
+    assert plan(30) == [(0, 3), (3, 6)]

@@ -142,7 +142,11 @@ def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = N
     """Consecutive row slices: `train.micro_batch_size` rows each, or as many rows as fit
     `train.micro_batch_tokens` tokens, a row costing its width after the shared left-pad cut
     (`columns`; packed: its real tokens, summed). Rows keep their order: routing replay indexes
-    them. With `dist`, every rank runs as many micro-batches as the rank that needs most."""
+    them. With `dist`, every rank runs as many micro-batches as the rank that needs most.
+    With shared prefixes (`t.shared_prefix`) a micro-batch costs the tokens it feeds the model:
+    each run of rows with the same prompt pays for the prompt once (`_shared_budget_slices`)."""
+    if t.shared_prefix and not t.packed and cfg.train.micro_batch_tokens > 0:
+        return _shared_budget_slices(t, cfg.train.micro_batch_tokens)
     if t.packed:  # a packed micro-batch costs its real tokens
         lengths = t.attention_mask.sum(dim=1).tolist()
     else:
@@ -150,6 +154,30 @@ def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = N
         lengths = (t.attention_mask.shape[1] - first).tolist()
     groups = micro_batch_groups(lengths, cfg, longest_first=False, dist=dist, packed=t.packed)
     return [slice(g[0], g[-1] + 1) for g in groups]
+
+
+def _shared_budget_slices(t: StepTensors, budget: int) -> list[slice]:
+    """Consecutive row slices whose shared-prefix forward feeds at most `budget` tokens:
+    runs x prompt columns + rows x completion columns, after the micro-batch's left-pad cut.
+    A row over the budget on its own gets a micro-batch of its own. (One process only:
+    sharing is off with more.)"""
+    n, S = t.input_ids.shape
+    T = int(t.completion_ids.shape[1])
+    ids, mask = t.input_ids[:, : S - T], t.attention_mask[:, : S - T]
+    differs = (ids[1:] != ids[:-1]).any(dim=1) | (mask[1:] != mask[:-1]).any(dim=1)
+    new_run = [1] + differs.int().tolist()  # row r starts a run of a new prompt
+    widths = (S - t.attention_mask.int().argmax(dim=1)).tolist()  # row width after its pad cut
+    slices, start = [], 0
+    while start < n:
+        end, runs, width = start + 1, 1, widths[start]
+        while end < n:
+            more_runs, wider = runs + new_run[end], max(width, widths[end])
+            if more_runs * (wider - T) + (end + 1 - start) * T > budget:
+                break
+            end, runs, width = end + 1, more_runs, wider
+        slices.append(slice(start, end))
+        start = end
+    return slices
 
 
 def micro_slices(t: StepTensors, cfg: Config) -> list[slice]:
