@@ -3,8 +3,11 @@
 Both sides get the same checkpoint, the same prompts, G completions per prompt, the same
 completion cap, temperature, learning rate, k3 KL (coef 0.04, so both run a reference pass),
 sequence-level ratios with the GSPO clip range, seq-mean-token-mean aggregation, one policy
-update per batch, the same micro-batch / gradient accumulation, fp32, no activation
-checkpointing and 2 torch threads (`--threads`). The reward is moepost's `gsm8k` (flexible extraction) for
+update per batch of 16 rows, fp32, no activation checkpointing and 2 torch threads
+(`--threads`). TRL runs micro-batches of 8 rows (2 accumulation steps). moepost gets a token
+budget equal to the most 8 padded rows can hold (8 x (longest prompt + completion cap)); it
+feeds each shared prompt once (`rl.shared_prefix`), so a whole step fits one forward. The
+`--before` side runs moepost with 8-row micro-batches and no prompt sharing. The reward is moepost's `gsm8k` (flexible extraction) for
 both, wrapped for TRL's chat-format completions. Runs alternate moepost, TRL, moepost, ... each
 in its own process; the first step of each run is warm-up and left out of the medians.
 
@@ -43,13 +46,14 @@ from bench.common import (  # noqa: E402
 from bench.workload import (  # noqa: E402
     bench_model,
     gsm8k_file,
+    longest_prompt_tokens,
     parameter_counts,
 )
 
 SCRIPT = Path(__file__).resolve()
 # `--before`: moepost with this job's latest optimisation off (payload changes), and its label
-BEFORE_SIDE: dict[str, Any] = {"overrides": ["rl.shared_prefix=false"]}
-BEFORE_LABEL = "rl.shared_prefix=false"
+BEFORE_SIDE: dict[str, Any] = {"overrides": ["rl.shared_prefix=false"], "micro_batch_tokens": 0}
+BEFORE_LABEL = "8-row micro-batches, rl.shared_prefix=false"
 
 
 def settings(quick: bool = False) -> dict[str, Any]:
@@ -119,7 +123,10 @@ def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
             "rl.loss_aggregation=seq_mean_token_mean",
             f"train.max_steps={p['steps']}",
             f"train.prompts_per_step={p['prompts_per_step']}",
-            f"train.micro_batch_size={p['micro_batch_size']}",
+            # a token budget when the bench sets one (see `run`), else rows
+            f"train.micro_batch_tokens={p['micro_batch_tokens']}"
+            if p.get("micro_batch_tokens")
+            else f"train.micro_batch_size={p['micro_batch_size']}",
             f"train.seed={p['seed']}",
             f"optim.learning_rate={p['learning_rate']}",
             "optim.lr_scheduler=constant",
@@ -349,13 +356,20 @@ def run(
     p = {**settings(quick), "threads": threads}
     model_dir = bench_model()
     p.update(model_dir=str(model_dir), data_file=str(gsm8k_file()))
+    # moepost's micro-batches: a token budget equal to the most a TRL micro-batch of
+    # `micro_batch_size` rows can hold (longest prompt + completion cap, per row). TRL pads
+    # every row; moepost feeds each shared prompt once, so more rows fit the same budget.
+    longest = longest_prompt_tokens(model_dir, Path(p["data_file"]))
+    p["micro_batch_tokens"] = p["micro_batch_size"] * (longest + p["max_new_tokens"])
     workdir = workdir or CACHE / "work" / "rl"
     shutil.rmtree(workdir, ignore_errors=True)  # only this benchmark's own scratch files
     counts = parameter_counts(model_dir)
     say(
         f"RL: Qwen3-MoE {counts['total'] / 1e6:.2f} M params ({counts['active'] / 1e6:.2f} M "
         f"active), {p['prompts_per_step']} prompts x G={p['group_size']}, "
-        f"max_new_tokens {p['max_new_tokens']}, micro-batch {p['micro_batch_size']}"
+        f"max_new_tokens {p['max_new_tokens']}, micro-batch: TRL {p['micro_batch_size']} rows, "
+        f"moepost a budget of {p['micro_batch_tokens']} tokens = {p['micro_batch_size']} x "
+        f"({longest} + {p['max_new_tokens']})"
     )
     results = alternate(side_jobs(SCRIPT, p, workdir, BEFORE_SIDE if before else None), runs, say)
     agg = {name: aggregate(res, lambda r: run_figures(r, 1)) for name, res in results.items()}

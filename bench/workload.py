@@ -131,6 +131,26 @@ def gsm8k_file(n: int = 256, seed: int = 0, cache: Path = CACHE) -> Path:
     return write_jsonl(arithmetic_rows(n, seed), cache / "data" / f"arith_gsm8k_{n}_{seed}.jsonl")
 
 
+def longest_prompt_tokens(model_dir: Path, data_file: Path) -> int:
+    """Tokens of the longest RL prompt in `data_file` (its question as one user turn, with the
+    generation prompt), as both frameworks build it."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in data_file.read_text().splitlines() if line.strip()]
+    return max(
+        len(
+            tok.apply_chat_template(
+                [{"role": "user", "content": r["question"]}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )["input_ids"]
+        )
+        for r in rows
+    )
+
+
 def chat_file(n: int = 256, seed: int = 0, turns: int = 1, cache: Path = CACHE) -> Path:
     """The same rows as chat messages for SFT: `turns` user/assistant pairs per conversation
     (more turns make longer sequences, for the GPU scale)."""
