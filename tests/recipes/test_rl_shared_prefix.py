@@ -144,3 +144,46 @@ def test_token_budget_counts_each_shared_prompt_once() -> None:
     assert plan(5) == [(i, i + 1) for i in range(6)]  # every row alone is over the budget
     t.shared_prefix = False  # padded cost, rows x widest: 3 x 7 = 21, then 3 x 10 = 30
     assert plan(30) == [(0, 3), (3, 6)]
+
+
+def test_shared_prefix_under_lora_and_its_reference_pass(tiny_model: Path) -> None:
+    """A PEFT model (adapters on attention and experts): the policy pass and the reference pass
+    (adapters disabled) give the padded log-probs, and LoRA gradients match."""
+    from moepost.components.lora import apply_lora
+    from moepost.config.schema import LoraConfig
+    from moepost.recipes.rl_update import logprob_pass
+
+    torch.manual_seed(0)
+    model = apply_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(target_experts=True)
+    )
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero: make the adapters change the outputs
+            param.data.normal_(0.0, 0.05)
+    assert can_share_prefix(model) is None
+    cfg = Config()
+    cfg.train.micro_batch_size = 6
+    t = _tensors()
+    mask = t.completion_mask.bool()
+    passes = {}
+    for shared in (False, True):
+        t.shared_prefix = shared
+        passes[shared] = (
+            logprob_pass(model, t, cfg),
+            logprob_pass(model, t, cfg, disable_adapter=True),
+        )
+    for got, want in zip(passes[True], passes[False], strict=True):
+        torch.testing.assert_close(got[mask], want[mask], rtol=1e-5, atol=1e-5)
+    assert (passes[False][0][mask] - passes[False][1][mask]).abs().max() > 1e-3  # adapters act
+    grads = []
+    for shared in (False, True):
+        t.shared_prefix = shared
+        model.zero_grad()
+        logits = completion_logits(model, t, slice(0, 6), t.share(slice(0, 6)))
+        picked = logits.log_softmax(-1).gather(-1, t.completion_ids[..., None])[..., 0]
+        (picked * t.completion_mask).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0] and grads[0].keys() == grads[1].keys()
+    assert any("experts" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
