@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,20 +26,26 @@ from moepost.components.rollout import build_training_tensors
 from moepost.components.router_tools import RouterTools
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
+from moepost.recipes import rl_update
 from moepost.recipes.rl_update import StepTensors, plan_micro_batches, policy_update
 
 GROUP = 2
 NUM_PROMPTS = 4  # 8 rows: 4 per rank, 2 micro-batches of 2 per rank
 
 
-def rows(seed: int) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
-    """Deterministic prompts / completions of uneven lengths (padding on both sides)."""
+def rows(
+    seed: int, *, shared: bool = False
+) -> tuple[list[list[int]], list[list[int]], torch.Tensor]:
+    """Deterministic prompts / completions of uneven lengths (padding on both sides); with
+    `shared`, the GROUP rows of a prompt repeat it (else only its length)."""
     g = torch.Generator().manual_seed(seed)
     prompts, completions = [], []
     for i in range(NUM_PROMPTS * GROUP):
         p_len = 3 + (i // GROUP) % 3
         c_len = 2 + (i * 5) % 4
-        prompts.append(torch.randint(5, 90, (p_len,), generator=g).tolist())
+        if i % GROUP == 0 or not shared:
+            prompt = torch.randint(5, 90, (p_len,), generator=g).tolist()
+        prompts.append(list(prompt))
         completions.append(torch.randint(5, 90, (c_len,), generator=g).tolist())
     advantages = torch.randn(len(prompts), generator=g)
     return prompts, completions, advantages
@@ -70,14 +77,29 @@ def step_tensors(
     )
 
 
+REAL_SHARED = rl_update.shared_prefix_logits
+
+
+def _counted(calls: list[int], real: Any, *args: Any) -> torch.Tensor:
+    """`shared_prefix_logits`, counting its calls."""
+    calls.append(1)
+    return real(*args)
+
+
 def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
     """Max |grad difference| and the losses, 2 ranks vs 1 process, per aggregation."""
     out: dict[str, Any] = {}
     # gspo_tokens: a token budget of 18 gives rank 0 two micro-batches and rank 1 three, so
-    # rank 0 must split one of its own to run as many forwards as rank 1.
-    cases = {"gspo": [], "grpo": [], "dr_grpo": [], "gspo_tokens": ["train.micro_batch_tokens=18"]}
+    # rank 0 must split one of its own to run as many forwards as rank 1. gspo_shared: the
+    # ranks run shared-prefix forwards (two model calls per micro-batch under DDP) against an
+    # unshared single process; gspo_shared_tokens adds a budget the shared cost is planned by.
+    cases = {
+        "gspo": [], "grpo": [], "dr_grpo": [], "gspo_tokens": ["train.micro_batch_tokens=18"],
+        "gspo_shared": [], "gspo_shared_tokens": ["train.micro_batch_tokens=14"],
+    }  # fmt: skip
     for name, extra in cases.items():
-        algorithm = name.removesuffix("_tokens")
+        algorithm = name.removesuffix("_tokens").removesuffix("_shared")
+        shared = "_shared" in name
         cfg = load_config(
             rl_cfg_path,
             [
@@ -89,7 +111,7 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
                 *extra,
             ],
         )
-        prompts, completions, adv = rows(seed=11)
+        prompts, completions, adv = rows(seed=11, shared=shared)
         torch.manual_seed(0)
         reference = load_policy(cfg.model, cfg.misc, device=torch.device("cpu"))
         m_ref = policy_update(
@@ -104,9 +126,15 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
         per = len(prompts) // world
         mine = slice(rank * per, (rank + 1) * per)  # whole groups: GROUP divides per
         local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
+        local.shared_prefix = shared
         alone = len(plan_micro_batches(local, cfg))
         local.micro_batches = plan_micro_batches(local, cfg, ctx)
-        m_dp = policy_update(train_model, local, cfg, router, update_index=0, dist=ctx)
+        shared_calls: list[int] = []
+        rl_update.shared_prefix_logits = partial(_counted, shared_calls, REAL_SHARED)
+        try:
+            m_dp = policy_update(train_model, local, cfg, router, update_index=0, dist=ctx)
+        finally:
+            rl_update.shared_prefix_logits = REAL_SHARED
         grads = dict(reference.named_parameters())
         diff = max(
             float((p.grad - grads[name].grad).abs().max())
@@ -117,6 +145,7 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
         tdist.all_gather_object(counts, (alone, len(local.micro_batches)))
         out[name] = {
             "micro_batches": counts,  # per rank: (on its own, run)
+            "shared_calls": len(shared_calls),  # rank 0's shared-prefix forwards
             "grad_max_diff": diff,
             "grad_max": max(float(p.grad.abs().max()) for p in reference.parameters()),
             "loss": [m_ref["loss"], m_dp["loss"]],

@@ -182,7 +182,7 @@ def test_token_budget_packing_and_shared_prefix_change_nothing(
     assert calls["rows"] and set(calls["rows"]) == {8}, calls["rows"]
     assert calls["tokens"] and not calls["unshared"] and not calls["packed"]
     assert all(r["train/micro_batches"] >= 2 for r in logs["tokens"]), logs["tokens"]
-    keys = ["loss", "kl", "aux_loss", "logprob_gap/mean", "grad_norm", "entropy"]
+    keys = ["loss", "kl", "aux_loss", "logprob_gap/mean", "grad_norm", "entropy", "clip_frac"]
     keys.append("moe/route_flip_rate_rollout_train")
     if replay == "r2":
         keys.append("moe/route_flip_rate_update")

@@ -115,7 +115,11 @@ def test_sharing_is_off_where_it_cannot_run(tiny_model: Path) -> None:
     cfg = Config()
     cfg.data.packing = True
     assert "data.packing" in str(shared_prefix_off(cfg, one, model))
-    assert "process" in str(shared_prefix_off(Config(), DistContext(world_size=2), model))
+    two = DistContext(world_size=2)
+    assert shared_prefix_off(Config(), two, model) is None  # DDP: tests/distributed
+    cfg = Config()
+    cfg.distributed.backend = "fsdp"
+    assert shared_prefix_off(cfg, two, model) == "not yet with distributed.backend fsdp"
     enable_gradient_checkpointing(model)
     assert "checkpointing" in str(can_share_prefix(model))
     assert "checkpointing" in str(shared_prefix_off(Config(), one, model))
@@ -187,3 +191,30 @@ def test_shared_prefix_under_lora_and_its_reference_pass(tiny_model: Path) -> No
     assert any("experts" in n for n in grads[0])
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_gspo_sequence_metrics_do_not_depend_on_the_micro_batch_split(tiny_model: Path) -> None:
+    """clip_frac / ratio_mean of GSPO are shares of sequences: micro-batches are weighted by
+    their sequences, not their tokens, so any split of the rows logs the same values."""
+    from moepost.components.router_tools import RouterTools
+    from moepost.recipes.rl_update import policy_update
+
+    cfg = Config()  # gspo, with the preset's values filled in as config loading does
+    cfg.rl.clip_eps_low, cfg.rl.clip_eps_high, cfg.rl.kl_coef = 3e-4, 4e-4, 0.0
+    cfg.rl.loss_aggregation = "seq_mean_token_mean"
+    g = torch.Generator().manual_seed(5)
+    logged = []
+    for split in ([slice(0, 2), slice(2, 6)], [slice(0, 1), slice(1, 5), slice(5, 6)]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        t = _tensors()
+        g.manual_seed(5)
+        t.advantages = torch.randn(6, generator=g)
+        # old log-probs away from the current ones: some sequences clip, some do not
+        t.old_logprobs = -4.0 + 1.5 * torch.randn(t.completion_mask.shape, generator=g)
+        t.micro_batches = split
+        logged.append(policy_update(model, t, cfg, RouterTools(model, cfg.moe), update_index=0))
+    assert 0.0 < logged[0]["clip_frac"] < 1.0, logged[0]["clip_frac"]  # the check is not vacuous
+    for key in ("clip_frac", "ratio_mean", "loss", "kl"):
+        if key in logged[0]:
+            assert logged[1][key] == pytest.approx(logged[0][key], rel=1e-5, abs=1e-7), key

@@ -16,7 +16,7 @@ import torch
 
 from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, token_logprobs
 from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
-from moepost.components.packing import without_trailing_padding_mask
+from moepost.components.packing import split_to_count, without_trailing_padding_mask
 from moepost.components.router_tools import RouterTools, Tokens
 from moepost.components.shared_prefix import (
     PrefixShare,
@@ -130,8 +130,8 @@ def shared_prefix_off(
         return "rl.shared_prefix is false"
     if cfg.data.packing:
         return "data.packing runs padding-free rows instead"
-    if dist.world_size > 1:
-        return "not yet with more than one process"
+    if dist.world_size > 1 and cfg.distributed.backend != "ddp":
+        return f"not yet with distributed.backend {cfg.distributed.backend}"
     for model in models:
         if model is not None and (why := can_share_prefix(model)) is not None:
             return why
@@ -145,22 +145,25 @@ def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = N
     them. With `dist`, every rank runs as many micro-batches as the rank that needs most.
     With shared prefixes (`t.shared_prefix`) a micro-batch costs the tokens it feeds the model:
     each run of rows with the same prompt pays for the prompt once (`_shared_budget_slices`)."""
-    if t.shared_prefix and not t.packed and cfg.train.micro_batch_tokens > 0:
-        return _shared_budget_slices(t, cfg.train.micro_batch_tokens)
     if t.packed:  # a packed micro-batch costs its real tokens
         lengths = t.attention_mask.sum(dim=1).tolist()
     else:
         first = t.attention_mask.int().argmax(dim=1)  # each row's first real column
         lengths = (t.attention_mask.shape[1] - first).tolist()
-    groups = micro_batch_groups(lengths, cfg, longest_first=False, dist=dist, packed=t.packed)
+    if t.shared_prefix and not t.packed and cfg.train.micro_batch_tokens > 0:
+        groups = [list(range(s.start, s.stop)) for s in _shared_budget_slices(t, cfg)]
+        if dist is not None:  # as many forwards as the rank that needs most
+            groups = split_to_count(groups, lengths, dist.max_int(len(groups)))
+    else:
+        groups = micro_batch_groups(lengths, cfg, longest_first=False, dist=dist, packed=t.packed)
     return [slice(g[0], g[-1] + 1) for g in groups]
 
 
-def _shared_budget_slices(t: StepTensors, budget: int) -> list[slice]:
-    """Consecutive row slices whose shared-prefix forward feeds at most `budget` tokens:
-    runs x prompt columns + rows x completion columns, after the micro-batch's left-pad cut.
-    A row over the budget on its own gets a micro-batch of its own. (One process only:
-    sharing is off with more.)"""
+def _shared_budget_slices(t: StepTensors, cfg: Config) -> list[slice]:
+    """Consecutive row slices whose shared-prefix forward feeds at most
+    `train.micro_batch_tokens`: runs x prompt columns + rows x completion columns, after the
+    micro-batch's left-pad cut. A row over the budget on its own gets a micro-batch of its own."""
+    budget = cfg.train.micro_batch_tokens
     n, S = t.input_ids.shape
     T = int(t.completion_ids.shape[1])
     ids, mask = t.input_ids[:, : S - T], t.attention_mask[:, : S - T]
@@ -271,6 +274,7 @@ def policy_update(
     nonfinite = 0
     step_tokens = dist.sum_floats([float(router_token_mask(t, slice(None), cfg).sum())])[0]
     slices = micro_slices(t, cfg)
+    per_seq = ("clip_frac", "ratio_mean") if preset["ratio_level"] == "sequence" else ()
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
         mask = t.completion_mask[sl]
@@ -314,11 +318,12 @@ def policy_update(
         real = t.select(t.attention_mask.bool(), sl)
         router.observe_training_routes(cap, sl, real, update_index, cols)
         dist.backward(loss + aux if aux is not None else loss)
-        n_tok = float(mask.sum())
+        n_tok, n_seq = float(mask.sum()), float(m["num_seqs"])
         add("loss", float(loss.detach()), 1.0)
         for key in ("kl", "approx_kl", "clip_frac", "ratio_mean"):
             if key in m:
-                add(key, float(m[key]), n_tok)
+                # GSPO's clip_frac / ratio_mean are means over sequences: weight them so
+                add(key, float(m[key]), n_seq if key in per_seq else n_tok)
         with torch.no_grad():
             ent = entropy_from_logits(logits.detach(), temperature=cfg.generation.temperature)
             add("entropy", float((ent * mask).sum() / max(n_tok, 1.0)), n_tok)
