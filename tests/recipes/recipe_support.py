@@ -89,3 +89,18 @@ def check_golden(name: str, values: dict[str, list[float]]) -> None:
     for key, losses in values.items():
         assert key in stored, f"no golden losses for {key} in {path}"
         assert losses == pytest.approx(stored[key], rel=2e-4, abs=2e-5), key
+
+
+def rollout_tensors(prompts: list[list[int]], completions: list[list[int]]) -> Any:
+    """`StepTensors` of hand-written rollout rows (zero advantages and rollout log-probs)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moepost.recipes.rl_update import tensors_for_step
+
+    width = max(1, max(len(c) for c in completions))
+    batch = SimpleNamespace(
+        prompt_ids=prompts, completion_ids=completions, logprobs=torch.zeros(len(prompts), width)
+    )
+    return tensors_for_step(batch, torch.zeros(len(prompts)), 0, torch.device("cpu"))

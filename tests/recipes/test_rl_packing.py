@@ -4,10 +4,10 @@ gives the log-probs and gradients of the padded layout."""
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from recipe_support import rollout_tensors
 from transformers import AutoModelForCausalLM
 
 from moepost.config.schema import Config
@@ -15,7 +15,6 @@ from moepost.recipes.rl_update import (
     StepTensors,
     completion_logits,
     logprob_pass,
-    tensors_for_step,
 )
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
@@ -23,10 +22,7 @@ COMPLETIONS = [[20, 21, 22, 23], [24], [25, 26], []]  # the last row produced no
 
 
 def _tensors(packed: bool) -> StepTensors:
-    batch = SimpleNamespace(
-        prompt_ids=PROMPTS, completion_ids=COMPLETIONS, logprobs=torch.zeros(len(PROMPTS), 4)
-    )
-    t = tensors_for_step(batch, torch.zeros(len(PROMPTS)), 0, torch.device("cpu"))
+    t = rollout_tensors(PROMPTS, COMPLETIONS)
     t.packed = packed
     return t
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
+from recipe_support import rollout_tensors
 from transformers import AutoModelForCausalLM
 
 from moepost.components.model import enable_gradient_checkpointing
@@ -17,7 +17,6 @@ from moepost.recipes.rl_update import (
     StepTensors,
     completion_logits,
     shared_prefix_off,
-    tensors_for_step,
 )
 
 
@@ -70,10 +69,7 @@ COMPLETIONS = [[20, 21, 22, 23], [24], [25, 26], [27, 28, 29], [], [30, 31]]
 
 
 def _tensors() -> StepTensors:
-    batch = SimpleNamespace(
-        prompt_ids=PROMPTS, completion_ids=COMPLETIONS, logprobs=torch.zeros(len(PROMPTS), 4)
-    )
-    t = tensors_for_step(batch, torch.zeros(len(PROMPTS)), 0, torch.device("cpu"))
+    t = rollout_tensors(PROMPTS, COMPLETIONS)
     t.shared_prefix = True
     return t
 
