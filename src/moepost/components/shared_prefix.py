@@ -50,11 +50,9 @@ class PrefixShare:
         p = width - completion_width
         if n < 2 or p < 1 or completion_width < 1:
             return None
-        same = (input_ids[1:, :p] == input_ids[:-1, :p]).all(dim=1)
-        same &= (attention_mask[1:, :p] == attention_mask[:-1, :p]).all(dim=1)
-        if not bool(same.any()):
+        starts = run_starts(input_ids, attention_mask, completion_width)
+        if bool(starts.all()):
             return None
-        starts = torch.cat([same.new_ones(1), ~same])  # [n] a row opening a new run
         owner = torch.cumsum(starts.long(), dim=0) - 1
         return cls(starts.nonzero().squeeze(1), owner, p, completion_width)
 
@@ -99,6 +97,17 @@ class PrefixShare:
         shared = routes[:, self.to_shared]
         a, _ = self.call_sizes
         return [[layer[:a], layer[a:]] for layer in shared]
+
+
+def run_starts(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_width: int
+) -> torch.Tensor:
+    """[n] bool: row r's prompt columns (all but the last `completion_width`) differ from row
+    r - 1's, ids or padding; True for row 0."""
+    p = input_ids.shape[1] - completion_width
+    same = (input_ids[1:, :p] == input_ids[:-1, :p]).all(dim=1)
+    same &= (attention_mask[1:, :p] == attention_mask[:-1, :p]).all(dim=1)
+    return torch.cat([same.new_ones(1), ~same])
 
 
 def can_share_prefix(model: torch.nn.Module) -> str | None:

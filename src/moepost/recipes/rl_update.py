@@ -21,6 +21,7 @@ from moepost.components.router_tools import RouterTools, Tokens
 from moepost.components.shared_prefix import (
     PrefixShare,
     can_share_prefix,
+    run_starts,
     shared_prefix_logits,
 )
 from moepost.config.schema import Config
@@ -166,9 +167,7 @@ def _shared_budget_slices(t: StepTensors, cfg: Config) -> list[slice]:
     budget = cfg.train.micro_batch_tokens
     n, S = t.input_ids.shape
     T = int(t.completion_ids.shape[1])
-    ids, mask = t.input_ids[:, : S - T], t.attention_mask[:, : S - T]
-    differs = (ids[1:] != ids[:-1]).any(dim=1) | (mask[1:] != mask[:-1]).any(dim=1)
-    new_run = [1] + differs.int().tolist()  # row r starts a run of a new prompt
+    new_run = run_starts(t.input_ids, t.attention_mask, T).int().tolist()
     widths = (S - t.attention_mask.int().argmax(dim=1)).tolist()  # row width after its pad cut
     slices, start = [], 0
     while start < n:
