@@ -45,6 +45,7 @@ from bench.workload import (  # noqa: E402
     bench_model,
     chat_file,
     gsm8k_file,
+    longest_prompt_tokens,
     parameter_counts,
 )
 
@@ -188,6 +189,9 @@ def sft_rows(s: dict[str, Any], base: dict, flops: Callable, peak: float, run: R
 def rl_rows(s: dict[str, Any], base: dict, flops: Callable, peak: float, run: Runner) -> list:
     p = {**rl_vs_trl.settings(), **s["rl"], **base}
     p["data_file"] = str(gsm8k_file(cache=run.workdir))
+    # as in rl_vs_trl: moepost's budget is the most a TRL micro-batch can hold
+    longest = longest_prompt_tokens(Path(p["model_dir"]), Path(p["data_file"]))
+    p["micro_batch_tokens"] = p["micro_batch_size"] * (longest + p["max_new_tokens"])
     rows = []
     for name, fn in (("moepost", rl_vs_trl.moepost_job), ("TRL", rl_vs_trl.trl_job)):
         res = _guarded(run, rl_vs_trl.SCRIPT, f"rl_{name}", fn, p)
