@@ -18,13 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from moepost.components.moe_routers import unwrap_model
+from moepost.components.packing import without_trailing_padding_mask
 
 
 @dataclass(frozen=True)
@@ -137,7 +137,13 @@ def shared_prefix_logits(
     p, rep = share.prefix_width, share.representative
     cache = DynamicCache(config=unwrap_model(model).config)
     head = model(
-        **_mask_if_needed(ids[rep, :p], mask[rep, :p], pos[rep, :p]),
+        **without_trailing_padding_mask(
+            {
+                "input_ids": ids[rep, :p],
+                "attention_mask": mask[rep, :p],
+                "position_ids": pos[rep, :p],
+            }
+        ),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
@@ -145,19 +151,12 @@ def shared_prefix_logits(
     cache.batch_select_indices(share.owner)  # differentiable gather of the cache rows
     keep = torch.arange(share.completion_width - 1, device=ids.device)
     tail = model(
-        **_mask_if_needed(ids[:, p:], mask, pos[:, p:]),
+        # the mask spans the cached prefix columns too; dropped when only trailing padding
+        **without_trailing_padding_mask(
+            {"input_ids": ids[:, p:], "attention_mask": mask, "position_ids": pos[:, p:]}
+        ),
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=keep,
     ).logits  # [n, T - 1, V]: position j predicts completion token j + 1
     return torch.cat([head[share.owner], tail], dim=1)
-
-
-def _mask_if_needed(ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> dict[str, Any]:
-    """Inputs for a call; the 2-D mask (which may span the cached columns too) is left out
-    when it is all ones up to trailing padding, as the padded forward does (sdpa's causal path;
-    real positions never attend to later ones)."""
-    out: dict[str, Any] = {"input_ids": ids, "position_ids": pos}
-    if not bool((mask[:, 1:] <= mask[:, :-1]).all()):
-        out["attention_mask"] = mask
-    return out
