@@ -24,7 +24,7 @@ from moepost.components.data import (
     tokenize_conversation,
 )
 from moepost.components.data_files import FORMAT_CONVERTERS, convert_gsm8k_to_chat, read_rows
-from moepost.components.data_formats import detect_format
+from moepost.components.data_formats import FORMAT_SHAPES, detect_format
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
 
@@ -264,9 +264,10 @@ def test_missing_field_names_the_row(tmp_path: Path, tok: Any) -> None:
     rows = [{"instruction": "a", "output": "b"}, {"instruction": "c"}]
     with pytest.raises(UserError) as err:
         sft(tmp_path, tok, rows)
-    assert (
-        str(err.value)
-        == "data.train_file: row 2: missing field 'output' required by format 'alpaca'"
+    # The message names the key, row, field, format, the shape it expects and the file.
+    assert str(err.value) == (
+        "data.train_file: row 2: missing field 'output' required by format 'alpaca', expected "
+        f"{FORMAT_SHAPES['alpaca']} (in {tmp_path / 'train.jsonl'})"
     )
 
 

@@ -27,6 +27,7 @@ from moepost.components.data_formats import (
     tokenize_conversation,
     tokenize_text,
 )
+from moepost.components.data_stream import ExampleStream, RowStream, stream_source
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
 
@@ -46,15 +47,26 @@ class _Rows:
     source: str
     rows: list[dict[str, Any]]
     numbers: list[int]
+    file: str | None = None  # the file or dataset the rows came from, named in errors
 
     @classmethod
-    def of(cls, source: str, rows: list[dict[str, Any]]) -> _Rows:
-        return cls(source, rows, list(range(1, len(rows) + 1)))
+    def of(cls, source: str, rows: list[dict[str, Any]], file: str | None = None) -> _Rows:
+        return cls(source, rows, list(range(1, len(rows) + 1)), file)
 
     def take(self, indices: list[int]) -> _Rows:
         return _Rows(
-            self.source, [self.rows[i] for i in indices], [self.numbers[i] for i in indices]
+            self.source,
+            [self.rows[i] for i in indices],
+            [self.numbers[i] for i in indices],
+            self.file,
         )
+
+
+def in_file(error: UserError, file: str | None) -> UserError:
+    """`error` with the file it is about appended, unless it names it already."""
+    if not file or file in str(error):
+        return error
+    return UserError(f"{error} (in {file})")
 
 
 def _eval_count(test_size: float, num_rows: int) -> int:
@@ -87,35 +99,48 @@ def _split_rows(rows: _Rows, test_size: float, seed: int) -> tuple[_Rows, _Rows]
 
 
 def _source_rows(cfg: DataConfig, misc: MiscConfig, split: str, *, for_eval: bool) -> _Rows:
+    cap = cfg.max_in_memory_bytes
     if cfg.train_file:
         if for_eval and not Path(cfg.train_file).expanduser().is_dir():
             raise UserError(
                 f"data.eval_split: data.train_file {cfg.train_file} is a single file without "
                 "splits; set data.eval_file or data.test_size instead"
             )
-        return _Rows.of("data.train_file", read_rows(cfg.train_file, "data.train_file", split))
+        rows = read_rows(cfg.train_file, "data.train_file", split, max_bytes=cap)
+        return _Rows.of("data.train_file", rows, cfg.train_file)
     if cfg.dataset_name:
-        return _Rows.of("data.dataset_name", read_hub_cached(cfg, misc, split))
+        where = f"{cfg.dataset_name} split {split}"
+        return _Rows.of("data.dataset_name", read_hub_cached(cfg, misc, split), where)
     raise UserError("data: set data.train_file (a local file or folder) or data.dataset_name")
+
+
+def _eval_rows(cfg: DataConfig, misc: MiscConfig) -> _Rows | None:
+    """The rows of data.eval_file or data.eval_split (always read into memory), else None."""
+    rows = None
+    if cfg.eval_file:
+        split = cfg.eval_split or "test"
+        read = read_rows(cfg.eval_file, "data.eval_file", split, max_bytes=cfg.max_in_memory_bytes)
+        rows = _Rows.of("data.eval_file", read, cfg.eval_file)
+    elif cfg.eval_split:
+        rows = _source_rows(cfg, misc, cfg.eval_split, for_eval=True)
+    if rows is not None and not rows.rows:
+        raise UserError(f"{rows.source}: {rows.file}: no evaluation rows (it is empty)")
+    if rows is not None and cfg.max_eval_samples is not None:
+        rows = rows.take(list(range(min(cfg.max_eval_samples, len(rows.rows)))))
+    return rows
 
 
 def _load_split(cfg: DataConfig, misc: MiscConfig, seed: int) -> tuple[_Rows, _Rows | None]:
     train = _source_rows(cfg, misc, cfg.split, for_eval=False)
-    eval_rows: _Rows | None = None
-    if cfg.eval_file:
-        eval_rows = _Rows.of(
-            "data.eval_file", read_rows(cfg.eval_file, "data.eval_file", cfg.eval_split or "test")
-        )
-    elif cfg.eval_split:
-        eval_rows = _source_rows(cfg, misc, cfg.eval_split, for_eval=True)
-    elif cfg.test_size:
-        train, eval_rows = _split_rows(train, cfg.test_size, seed)
     if not train.rows:
-        raise UserError(f"{train.source}: no rows to train on")
+        raise UserError(f"{train.source}: {train.file}: no rows to train on (it is empty)")
+    eval_rows = _eval_rows(cfg, misc)
+    if eval_rows is None and cfg.test_size:
+        train, eval_rows = _split_rows(train, cfg.test_size, seed)
+        if cfg.max_eval_samples is not None:
+            eval_rows = eval_rows.take(list(range(min(cfg.max_eval_samples, len(eval_rows.rows)))))
     if cfg.max_train_samples is not None:
         train = train.take(list(range(min(cfg.max_train_samples, len(train.rows)))))
-    if eval_rows is not None and cfg.max_eval_samples is not None:
-        eval_rows = eval_rows.take(list(range(min(cfg.max_eval_samples, len(eval_rows.rows)))))
     return train, eval_rows
 
 
@@ -135,31 +160,45 @@ def load_rows(
 def _records(rows: _Rows | None, cfg: DataConfig, *, need_target: bool) -> list[Record]:
     if rows is None or not rows.rows:
         return []
-    fmt = detect_format(rows.rows[0], cfg, source=rows.source)
-    return [
-        normalize_row(row, fmt, cfg, source=rows.source, number=n, need_target=need_target)
-        for row, n in zip(rows.rows, rows.numbers)
-    ]
+    try:
+        fmt = detect_format(rows.rows[0], cfg, source=rows.source)
+        return [
+            normalize_row(row, fmt, cfg, source=rows.source, number=n, need_target=need_target)
+            for row, n in zip(rows.rows, rows.numbers)
+        ]
+    except UserError as e:
+        raise in_file(e, rows.file) from None
+
+
+def sft_example(
+    rec: Record, tokenizer: Tokenizer, max_seq_length: int, stats: dict[str, int]
+) -> SFTExample | None:
+    """Tokens + labels of one record, cut to `max_seq_length`; None (counted in
+    stats['num_dropped_no_target']) when no assistant token is left to learn."""
+    if rec.text is None and not any(
+        m["role"] == "assistant" and m["content"].strip() for m in rec.messages
+    ):
+        stats["num_dropped_no_target"] += 1  # no assistant text: only an end-of-turn to learn
+        return None
+    if rec.text is not None:
+        ex = tokenize_text(tokenizer, rec.text)
+    else:
+        ex = tokenize_conversation(tokenizer, rec.messages)
+    if len(ex.input_ids) > max_seq_length:
+        stats["num_truncated"] += 1
+        ex = SFTExample(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length])
+    # With unshifted labels the first position is never a target, so it cannot count.
+    if all(label == IGNORE_INDEX for label in ex.labels[1:]):
+        stats["num_dropped_no_target"] += 1
+        return None
+    return ex
 
 
 def _sft_examples(
     records: list[Record], tokenizer: Tokenizer, max_seq_length: int, stats: dict[str, int]
 ) -> list[SFTExample]:
-    examples = []
-    for rec in records:
-        if rec.text is not None:
-            ex = tokenize_text(tokenizer, rec.text)
-        else:
-            ex = tokenize_conversation(tokenizer, rec.messages)
-        if len(ex.input_ids) > max_seq_length:
-            stats["num_truncated"] += 1
-            ex = SFTExample(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length])
-        # With unshifted labels the first position is never a target, so it cannot count.
-        if all(label == IGNORE_INDEX for label in ex.labels[1:]):
-            stats["num_dropped_no_target"] += 1
-            continue
-        examples.append(ex)
-    return examples
+    examples = (sft_example(rec, tokenizer, max_seq_length, stats) for rec in records)
+    return [ex for ex in examples if ex is not None]
 
 
 def load_sft_data(
@@ -181,7 +220,10 @@ def load_sft_data(
         _records(eval_rows, cfg, need_target=True), tokenizer, cfg.max_seq_length, counts
     )
     if not train:
-        raise UserError(f"{train_rows.source}: no training example has an assistant token to learn")
+        raise UserError(
+            f"{train_rows.source}: {train_rows.file}: no training example has an assistant token "
+            f"to learn ({counts['num_dropped_no_target']} rows skipped)"
+        )
     lengths = [len(ex.input_ids) for ex in train]
     stats: dict[str, float] = {
         "num_train": len(train),
@@ -193,26 +235,32 @@ def load_sft_data(
     return train, evals, stats
 
 
+def prompt_example(
+    rec: Record, tokenizer: Tokenizer, max_prompt_length: int, stats: dict[str, int]
+) -> PromptExample | None:
+    """The RL prompt of one record; None (counted in stats['num_dropped_too_long']) when it
+    has more than `max_prompt_length` tokens."""
+    if rec.text is not None:
+        prompt_messages: Conversation = [{"role": "user", "content": rec.text}]
+        target = None
+    else:
+        prompt_messages, target = split_prompt(rec.messages)
+    columns = dict(rec.columns)
+    if target is not None:
+        columns.setdefault("answer", target)
+    text = render_chat(tokenizer, prompt_messages, add_generation_prompt=True)
+    ids = encode(tokenizer, text)
+    if len(ids) > max_prompt_length:
+        stats["num_dropped_too_long"] += 1
+        return None
+    return PromptExample(prompt_messages, text, ids, columns)
+
+
 def _prompt_examples(
     records: list[Record], tokenizer: Tokenizer, max_prompt_length: int, stats: dict[str, int]
 ) -> list[PromptExample]:
-    examples = []
-    for rec in records:
-        if rec.text is not None:
-            prompt_messages: Conversation = [{"role": "user", "content": rec.text}]
-            target = None
-        else:
-            prompt_messages, target = split_prompt(rec.messages)
-        columns = dict(rec.columns)
-        if target is not None:
-            columns.setdefault("answer", target)
-        text = render_chat(tokenizer, prompt_messages, add_generation_prompt=True)
-        ids = encode(tokenizer, text)
-        if len(ids) > max_prompt_length:
-            stats["num_dropped_too_long"] += 1
-            continue
-        examples.append(PromptExample(prompt_messages, text, ids, columns))
-    return examples
+    examples = (prompt_example(rec, tokenizer, max_prompt_length, stats) for rec in records)
+    return [ex for ex in examples if ex is not None]
 
 
 def load_rl_data(
@@ -234,8 +282,8 @@ def load_rl_data(
     )
     if not train:
         raise UserError(
-            f"data.max_prompt_length: every training prompt is longer than "
-            f"{cfg.max_prompt_length} tokens"
+            f"data.max_prompt_length: every training prompt of {train_rows.file} is longer "
+            f"than {cfg.max_prompt_length} tokens ({counts['num_dropped_too_long']} rows skipped)"
         )
     lengths = [len(ex.prompt_ids) for ex in train]
     stats: dict[str, float] = {
@@ -246,3 +294,87 @@ def load_rl_data(
         "max_prompt_length": max(lengths),
     }
     return train, evals, stats
+
+
+# ---------------------------------------------------------------- streaming (data.streaming)
+
+
+def _stream(
+    cfg: DataConfig,
+    misc: MiscConfig,
+    seed: int,
+    counts: dict[str, int],
+    make: Any,
+    need_target: bool,
+) -> ExampleStream:
+    """An ExampleStream whose rows go through the same normalise / tokenise steps as the
+    in-memory loader (`make(record) -> example | None`, counting skips in `counts`)."""
+    source = stream_source(cfg, misc)
+    rows = RowStream(
+        source,
+        shuffle=cfg.shuffle,
+        buffer_size=cfg.shuffle_buffer_size,
+        seed=seed,
+        max_rows=cfg.max_train_samples,
+    )
+    try:
+        fmt = detect_format(rows.first_row(), cfg, source=source.key)
+    except UserError as e:
+        raise in_file(e, source.where) from None
+
+    def convert(number: int, row: dict[str, Any]) -> Any:
+        try:
+            rec = normalize_row(
+                row, fmt, cfg, source=source.key, number=number, need_target=need_target
+            )
+        except UserError as e:
+            raise in_file(e, source.where) from None
+        return make(rec)
+
+    return ExampleStream(rows, convert, counts)
+
+
+def stream_sft_data(
+    cfg: DataConfig, misc: MiscConfig, tokenizer: Tokenizer, *, seed: int = 42
+) -> tuple[ExampleStream, list[SFTExample], dict[str, float]]:
+    """`load_sft_data` for data.streaming: the train side as a stream; eval rows (data.eval_file
+    or data.eval_split) are read into memory. stats: num_eval."""
+    counts = {"num_truncated": 0, "num_dropped_no_target": 0}
+    stream = _stream(
+        cfg,
+        misc,
+        seed,
+        counts,
+        lambda rec: sft_example(rec, tokenizer, cfg.max_seq_length, counts),
+        need_target=True,
+    )
+    eval_counts = {"num_truncated": 0, "num_dropped_no_target": 0}
+    evals = _sft_examples(
+        _records(_eval_rows(cfg, misc), cfg, need_target=True),
+        tokenizer,
+        cfg.max_seq_length,
+        eval_counts,
+    )
+    return stream, evals, {"num_eval": len(evals)}
+
+
+def stream_rl_data(
+    cfg: DataConfig, misc: MiscConfig, tokenizer: Tokenizer, *, seed: int = 42
+) -> tuple[ExampleStream, list[PromptExample], dict[str, float]]:
+    """`load_rl_data` for data.streaming (see `stream_sft_data`)."""
+    counts = {"num_dropped_too_long": 0}
+    stream = _stream(
+        cfg,
+        misc,
+        seed,
+        counts,
+        lambda rec: prompt_example(rec, tokenizer, cfg.max_prompt_length, counts),
+        need_target=False,
+    )
+    evals = _prompt_examples(
+        _records(_eval_rows(cfg, misc), cfg, need_target=False),
+        tokenizer,
+        cfg.max_prompt_length,
+        {"num_dropped_too_long": 0},
+    )
+    return stream, evals, {"num_eval": len(evals)}

@@ -17,24 +17,70 @@ from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
 
 
+def _decode_line(raw: bytes, path: Path, key: str, line_no: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"{key}: {path} line {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+            f"column {e.start + 1}); re-encode the file as UTF-8"
+        ) from None
+
+
+def _parse_line(line: str, path: Path, key: str, line_no: int) -> dict[str, Any]:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{key}: {path} line {line_no}: not valid JSON ({e.msg})") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{key}: {path} line {line_no}: expected a JSON object per line")
+    return row
+
+
+def check_utf8_lines(path: Path, key: str) -> None:
+    """Raise the error of the first line of a text file that is not UTF-8."""
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            _decode_line(raw, path, key, line_no)
+
+
 def _read_jsonl(path: Path, key: str) -> list[dict[str, Any]]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{key}: {path} line {line_no}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise UserError(f"{key}: {path} line {line_no}: expected a JSON object per line")
-            rows.append(row)
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is reported with its number
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, key, line_no)
+            if line.strip():
+                rows.append(_parse_line(line, path, key, line_no))
     return rows
 
 
+def check_json_lines(path: Path, key: str) -> None:
+    """Raise the error of the first undecodable / invalid line of a JSON Lines file (the
+    streaming reader's own errors name no line), or that the file has no row at all."""
+    with path.open("rb") as f:
+        rows = 0
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode_line(raw, path, key, line_no)
+            if line.strip():
+                _parse_line(line, path, key, line_no)
+                rows += 1
+    if not rows:
+        raise UserError(f"{key}: {path}: the file is empty (no rows)")
+
+
 def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_no = raw.count(b"\n", 0, e.start) + 1
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"{key}: {path} line {line_no}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+            f"column {e.start - line_start + 1}); re-encode the file as UTF-8"
+        ) from None
+    if not text.strip():
+        return []
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -57,8 +103,8 @@ def _read_parquet(path: Path, key: str) -> list[dict[str, Any]]:
         raise UserError(f"{key}: {path}: not a readable Parquet file ({e})") from None
 
 
-def _read_disk_dataset(path: Path, key: str, split: str) -> list[dict[str, Any]]:
-    """Rows of `split` from a saved DatasetDict, or all rows of a saved Dataset."""
+def load_disk_dataset(path: Path, key: str, split: str) -> Any:
+    """`split` of a saved DatasetDict, or a saved Dataset (memory-mapped, not yet in memory)."""
     import datasets
 
     try:
@@ -66,22 +112,52 @@ def _read_disk_dataset(path: Path, key: str, split: str) -> list[dict[str, Any]]
     except FileNotFoundError:
         raise UserError(
             f"{key}: {path} is a folder but not a datasets.save_to_disk folder; "
-            "point at a .jsonl/.json/.parquet file instead"
+            "point at a .jsonl/.json/.parquet/.csv file instead"
         ) from None
     if isinstance(data, datasets.DatasetDict):
         if split not in data:
             raise UserError(f"{key}: {path} has no split {split!r}; it has {sorted(data.keys())}")
         data = data[split]
-    return data.to_list()
+    return data
 
 
-def read_rows(path: str, key: str, split: str = "train") -> list[dict[str, Any]]:
-    """All rows of a local file or save_to_disk folder; `key` names the config key in errors."""
+def _read_csv(path: Path, key: str) -> list[dict[str, Any]]:
+    """CSV rows as the streaming reader gives them (datasets' csv builder), so both agree."""
+    from moepost.components.data_stream import file_stream, read_stream
+
+    return list(read_stream(file_stream(path, key), key, path))
+
+
+STREAM_HINT = "set data.streaming: true to read it as a stream (needs train.max_steps)"
+
+
+def check_in_memory_size(nbytes: int, where: str, key: str, cap: int | None) -> None:
+    """`data.max_in_memory_bytes`: refuse to read more than the cap into memory."""
+    if cap is None or nbytes <= cap:
+        return
+    hint = STREAM_HINT if key != "data.eval_file" else "evaluation rows are always read whole"
+    raise UserError(
+        f"{key}: {where} holds {nbytes} bytes, over data.max_in_memory_bytes={cap}; {hint}"
+    )
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def read_rows(
+    path: str, key: str, split: str = "train", *, max_bytes: int | None = None
+) -> list[dict[str, Any]]:
+    """All rows of a local file or save_to_disk folder; `key` names the config key in errors.
+
+    max_bytes: `data.max_in_memory_bytes`; a file (or folder) larger than this is refused.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{key}: {path}: no such file or folder")
+    check_in_memory_size(_folder_bytes(p) if p.is_dir() else p.stat().st_size, path, key, max_bytes)
     if p.is_dir():
-        return _read_disk_dataset(p, key, split)
+        return load_disk_dataset(p, key, split).to_list()
     name = p.name.lower()
     if name.endswith((".jsonl", ".ndjson")):
         return _read_jsonl(p, key)
@@ -89,14 +165,16 @@ def read_rows(path: str, key: str, split: str = "train") -> list[dict[str, Any]]
         return _read_json(p, key)
     if name.endswith(".parquet"):
         return _read_parquet(p, key)
+    if name.endswith(".csv"):
+        return _read_csv(p, key)
     raise UserError(
-        f"{key}: {path}: unsupported file type; expected .jsonl, .json, .parquet "
+        f"{key}: {path}: unsupported file type; expected .jsonl, .json, .parquet, .csv "
         "or a datasets.save_to_disk folder"
     )
 
 
 @contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
+def hub_offline() -> Iterator[None]:
     """Turn datasets / huggingface_hub offline for the duration: cached data only, no download.
 
     Both libraries read HF_HUB_OFFLINE into a module constant at import, so setting the
@@ -113,15 +191,16 @@ def _hub_offline() -> Iterator[None]:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
-def read_hub_cached(cfg: DataConfig, misc: MiscConfig, split: str) -> list[dict[str, Any]]:
+def load_hub_cached(cfg: DataConfig, misc: MiscConfig, split: str) -> Any:
+    """`split` of a hub dataset from the local cache (memory-mapped Arrow files); never downloads."""
     import datasets
 
     cache_dir = misc.huggingface_cache_dir
     if cache_dir and (Path(cache_dir).expanduser() / "datasets").is_dir():
         cache_dir = str(Path(cache_dir).expanduser() / "datasets")  # an HF_HOME-style folder
     try:
-        with _hub_offline():
-            data = datasets.load_dataset(
+        with hub_offline():
+            return datasets.load_dataset(
                 cfg.dataset_name, cfg.dataset_config, split=split, cache_dir=cache_dir
             )
     except Exception as e:  # datasets raises ConnectionError/ValueError/FileNotFoundError here
@@ -132,6 +211,12 @@ def read_hub_cached(cfg: DataConfig, misc: MiscConfig, split: str) -> list[dict[
             f" moepost never downloads: fetch it beforehand or set data.train_file "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+
+
+def read_hub_cached(cfg: DataConfig, misc: MiscConfig, split: str) -> list[dict[str, Any]]:
+    data = load_hub_cached(cfg, misc, split)
+    where = f"{cfg.dataset_name!r} split {split!r}"
+    check_in_memory_size(data.data.nbytes, where, "data.dataset_name", cfg.max_in_memory_bytes)
     return data.to_list()
 
 

@@ -129,7 +129,10 @@ class _RowReader:
     def get(self, key: str, *, required: bool) -> Any:
         value = self.row.get(key)
         if value is None and required:
-            raise UserError(f"{self.where}: missing field '{key}' required by format '{self.fmt}'")
+            raise UserError(
+                f"{self.where}: missing field '{key}' required by format '{self.fmt}', "
+                f"expected {FORMAT_SHAPES.get(self.fmt, 'see data.format')}"
+            )
         self.consumed.add(key)
         return value
 

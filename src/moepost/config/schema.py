@@ -67,6 +67,12 @@ class DataConfig:
     test_size: float = 0.0
     packing: bool = False
     streaming: bool = False
+    # Visit the training rows in a seeded random order each epoch (false: file order).
+    shuffle: bool = True
+    # data.streaming: rows held in the shuffle buffer (the order is random within this window).
+    shuffle_buffer_size: int = 1000
+    # Non-streaming loader: refuse a source larger than this many bytes (null: no limit).
+    max_in_memory_bytes: int | None = None
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
 

@@ -48,11 +48,7 @@ def _check_model_data(cfg: Config) -> None:
         raise UserError(f"data.test_size = {d.test_size}: expected a fraction in [0, 1) or a count")
     if d.max_seq_length <= 0 or d.max_prompt_length <= 0:
         raise UserError("data.max_seq_length and data.max_prompt_length must be positive")
-    if d.streaming:
-        raise UserError(
-            "data.streaming: true is not supported yet (datasets are loaded into memory); "
-            "remove it or set it to false"
-        )
+    _check_streaming(cfg)
     lora = cfg.model.lora
     if lora.enabled and lora.r <= 0:
         raise UserError(f"model.lora.r = {lora.r}: must be positive when model.lora.enabled")
@@ -60,6 +56,34 @@ def _check_model_data(cfg: Config) -> None:
         raise UserError(
             f"model.lora.dropout = {lora.dropout}: peft applies no dropout to adapters on "
             "expert / router parameters (target_experts / target_router); set it to 0"
+        )
+
+
+def _check_streaming(cfg: Config) -> None:
+    d = cfg.data
+    if d.shuffle_buffer_size < 0:
+        raise UserError(f"data.shuffle_buffer_size = {d.shuffle_buffer_size}: must be >= 0")
+    if d.max_in_memory_bytes is not None and d.max_in_memory_bytes <= 0:
+        raise UserError(
+            f"data.max_in_memory_bytes = {d.max_in_memory_bytes}: expected a positive byte "
+            "count or null (no limit)"
+        )
+    if not d.streaming:
+        return
+    if cfg.train.max_steps <= 0:
+        raise UserError(
+            "train.max_steps: required with data.streaming: true (a stream's length is unknown, "
+            "so train.num_epochs cannot give the number of steps; passes repeat as needed)"
+        )
+    if d.test_size:
+        raise UserError(
+            f"data.test_size = {d.test_size}: cannot hold rows out of a stream; set "
+            "data.eval_file (or data.eval_split) with data.streaming: true"
+        )
+    if d.packing and cfg.stage == "sft":
+        raise UserError(
+            "data.packing: SFT packing of a stream is not supported yet (it packs the whole "
+            "dataset); set data.packing: false or data.streaming: false"
         )
 
 

@@ -261,15 +261,24 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def take_examples(state: TrainState, n_total: int, count: int, seed: int) -> list[int]:
-    """The next `count` example indices, moving `state.epoch` / `state.cursor` forward."""
+def take_examples(
+    state: TrainState, n_total: int, count: int, seed: int, *, shuffle: bool = True
+) -> list[int]:
+    """The next `count` example indices, moving `state.epoch` / `state.cursor` forward.
+
+    shuffle: `data.shuffle`; False visits the examples in file order every epoch.
+    """
     out: list[int] = []
-    order = epoch_order(n_total, seed, state.epoch)
+
+    def order_of(epoch: int) -> list[int]:
+        return epoch_order(n_total, seed, epoch) if shuffle else list(range(n_total))
+
+    order = order_of(state.epoch)
     while len(out) < count:
         if state.cursor >= n_total:
             state.epoch += 1
             state.cursor = 0
-            order = epoch_order(n_total, seed, state.epoch)
+            order = order_of(state.epoch)
         take = min(count - len(out), n_total - state.cursor)
         out.extend(order[state.cursor : state.cursor + take])
         state.cursor += take

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from moepost.algorithms.advantages import group_advantages, rewards_to_tensor
-from moepost.components.data import load_rl_data
 from moepost.components.logging import Console
 from moepost.components.lora import describe_parameters, parameter_report
 from moepost.components.model import load_policy, load_reference, load_tokenizer
@@ -55,8 +54,8 @@ from moepost.recipes.common import (
     reset_logs,
     save,
     save_final,
-    take_examples,
 )
+from moepost.recipes.data_source import rl_train_data
 from moepost.recipes.evaluate import evaluate_generation
 from moepost.recipes.rl_update import (
     StepTensors,
@@ -72,8 +71,8 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     run = open_run(cfg, resume=resume, eval_only=eval_only)
     dist, device = run.dist, run.device
     tokenizer = load_tokenizer(cfg.model, cfg.misc)
-    train_set, eval_set, stats = load_rl_data(cfg.data, cfg.misc, tokenizer, seed=cfg.train.seed)
-    run.say(f"data: {len(train_set)} train / {len(eval_set)} eval prompts")
+    train_set, eval_set, _, data_line = rl_train_data(cfg, tokenizer)
+    run.say(data_line)
     reward_fns = resolve_rewards(
         cfg.reward.functions, metricx=cfg.reward.metricx, xcomet=cfg.reward.xcomet
     )
@@ -90,16 +89,18 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         )
     if eval_only:
         reset_logs(run, after_step=None, names=EVAL_LOGS)
-        return _evaluate(run, engine, eval_set or train_set, reward_fns, step=0)
+        return _evaluate(run, engine, eval_set or _eval_fallback(train_set), reward_fns, step=0)
 
     reference = None
     if cfg.rl.kl_coef:
         reference = load_reference(cfg.model, cfg.misc, device=device, needed=True)
     total = cfg.train.max_steps or max(1, len(train_set) // cfg.train.prompts_per_step)
+    # (a stream has no len: the config check makes train.max_steps required with it)
     train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
     opt = Optimization(model, cfg, total)
     train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
     state = maybe_resume(run, resume, model, opt)
+    train_set.restore(state)
     no_sharing = shared_prefix_off(cfg, dist, train_model, reference)
     run.say(f"shared-prefix forwards: {'on' if no_sharing is None else f'off ({no_sharing})'}")
     noise = NoiseInjector(model, cfg.noise_injection, total, cfg.train.seed)
@@ -134,6 +135,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         metrics.update(adv_metrics)
         metrics.update(reward_metrics(scores))
         metrics.update(_rollout_metrics(batch, gen_rounds))
+        metrics.update(train_set.metrics())
         if cfg.noise_injection.enabled:
             metrics["noise/sigma"] = sigma
         metrics["time/update_s"] = time.perf_counter() - t_update
@@ -166,6 +168,16 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     return last
 
 
+def _eval_fallback(train_set: Any) -> list[Any]:
+    """--eval-only without an eval split evaluates the training prompts (in memory only)."""
+    if train_set.streaming:
+        raise UserError(
+            "--eval-only with data.streaming: true needs data.eval_file or data.eval_split "
+            "(a stream is not evaluated whole)"
+        )
+    return train_set.examples
+
+
 def engine_sync_if_noisy(engine: Any, model: torch.nn.Module, sigma: float) -> None:
     """AQN: an engine with its own weights (vLLM) generates with the noisy norms only if they
     are synced in, and must get the clean ones back after; the HF engine shares the model."""
@@ -188,7 +200,7 @@ def sampling_params(cfg: Config, seed: int) -> SamplingParams:
 
 def rollout_and_score(
     engine: Any,
-    train_set: list[Any],
+    train_set: Any,
     reward_fns: list[Any],
     cfg: Config,
     state: TrainState,
@@ -207,8 +219,7 @@ def rollout_and_score(
     want = cfg.train.prompts_per_step
     rounds = 0
     while True:
-        idx = take_examples(state, len(train_set), want, cfg.train.seed)
-        examples = dist.shard([train_set[i] for i in idx])
+        examples = dist.shard(train_set.take(state, want))  # ListData / StreamData
         seed = dist.sampling_seed(cfg.train.seed * 7919 + state.step * 31 + rounds)
         prompts = [ex.prompt_ids for ex in examples]
         with router.capture_generation(engine) as holder:

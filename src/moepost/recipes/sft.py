@@ -22,13 +22,11 @@ from typing import Any
 import torch
 
 from moepost.algorithms.sft_loss import sft_loss
-from moepost.components.data import load_sft_data
 from moepost.components.lora import describe_parameters, parameter_report
 from moepost.components.model import load_policy, load_tokenizer
 from moepost.components.packing import (
     collate_packed,
     collate_sft,
-    pack_sft,
     without_trailing_padding_mask,
 )
 from moepost.components.router_tools import RouterTools
@@ -52,8 +50,8 @@ from moepost.recipes.common import (
     reset_logs,
     save,
     save_final,
-    take_examples,
 )
+from moepost.recipes.data_source import sft_train_data
 
 
 def run_sft(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -> dict[str, Any]:
@@ -61,15 +59,8 @@ def run_sft(cfg: Config, *, resume: str | None = None, eval_only: bool = False) 
     run = open_run(cfg, resume=resume, eval_only=eval_only)
     dist, device = run.dist, run.device
     tokenizer = load_tokenizer(cfg.model, cfg.misc)
-    train_set, eval_set, data_stats = load_sft_data(
-        cfg.data, cfg.misc, tokenizer, seed=cfg.train.seed
-    )
-    run.say(
-        f"data: {data_stats['num_train']} train / {data_stats['num_eval']} eval examples, "
-        f"{data_stats['num_truncated']} truncated to data.max_seq_length={cfg.data.max_seq_length}"
-    )
-    if cfg.data.packing:
-        train_set = pack_sft(train_set, cfg.data.max_seq_length)
+    train_set, eval_set, _, data_line = sft_train_data(cfg, tokenizer)
+    run.say(data_line)
     model = load_policy(cfg.model, cfg.misc, device=device, for_training=not eval_only)
     router = RouterTools(model, cfg.moe)
     run.say(f"model: {describe_parameters(parameter_report(model))}; {router.describe()}")
@@ -80,19 +71,19 @@ def run_sft(cfg: Config, *, resume: str | None = None, eval_only: bool = False) 
         run.say(f"eval: {metrics}")
         return metrics
 
-    total = total_steps(cfg, len(train_set))
+    total = total_steps(cfg, None if train_set.streaming else len(train_set))
     train_model = prepare_model(model, cfg, dist)  # DDP / FSDP2; `model` stays the raw one
     opt = Optimization(model, cfg, total)
     train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
     state = maybe_resume(run, resume, model, opt)
+    train_set.restore(state)
     from moepost.components.logging import Console
 
     console = Console(total, "sft", enabled=run.is_main)
     last: dict[str, Any] = {}
     while state.step < total:
         t0 = time.perf_counter()
-        indices = take_examples(state, len(train_set), cfg.train.batch_size, cfg.train.seed)
-        batch = dist.shard([train_set[i] for i in indices])  # this rank's examples
+        batch = dist.shard(train_set.take(state, cfg.train.batch_size))  # this rank's examples
         metrics = train_step(
             train_model, batch, cfg, device, router, tokenizer.pad_token_id, dist=dist
         )
@@ -102,7 +93,8 @@ def run_sft(cfg: Config, *, resume: str | None = None, eval_only: bool = False) 
         metrics["throughput/tokens_per_s"] = (
             metrics.pop("num_input_tokens") / metrics["time/step_s"]
         )
-        metrics["epoch"] = state.epoch + state.cursor / max(1, len(train_set))
+        metrics["epoch"] = train_set.epoch(state)
+        metrics.update(train_set.metrics())
         moe_metrics, load_row = router.flush(state.step, reduce_sum=dist.all_reduce_sum)
         metrics.update(moe_metrics)
         metrics = dist.mean_metrics(metrics)
@@ -133,8 +125,10 @@ def run_sft(cfg: Config, *, resume: str | None = None, eval_only: bool = False) 
     return last
 
 
-def total_steps(cfg: Config, num_rows: int) -> int:
-    if cfg.train.max_steps > 0:
+def total_steps(cfg: Config, num_rows: int | None) -> int:
+    """train.max_steps, else train.num_epochs passes over `num_rows` (None: a stream, whose
+    length is unknown; the config check makes max_steps required then)."""
+    if cfg.train.max_steps > 0 or num_rows is None:
         return cfg.train.max_steps
     return max(1, math.ceil(cfg.train.num_epochs * num_rows / cfg.train.batch_size))
 
