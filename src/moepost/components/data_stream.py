@@ -13,6 +13,7 @@ the source position from datasets' `state_dict()`, the rows in the buffer and th
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,20 @@ class StreamSource:
     where: str  # file, folder or dataset name, for errors
     open: Callable[[], Any]
     file: Path | None = None  # a local file, re-read line by line to locate a bad line
+
+
+class _DropReaderErrors(logging.Filter):
+    """datasets' file readers log a parse failure before raising it; the raise becomes our
+    one-line error naming the line, so the log record (with the block's position) is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+_QUIET = _DropReaderErrors()
+for _name in ("datasets.packaged_modules.json.json", "datasets.packaged_modules.csv.csv"):
+    if _QUIET not in logging.getLogger(_name).filters:
+        logging.getLogger(_name).addFilter(_QUIET)
 
 
 def file_stream(path: Path, key: str) -> Callable[[], Any]:
