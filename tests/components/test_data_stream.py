@@ -144,3 +144,32 @@ def test_csv_in_memory_equals_stream(tmp_path: Path) -> None:
     assert read_rows(str(path), "data.train_file") == [
         {"text": f"row {i}", "i": i} for i in range(1, 5)
     ]
+
+
+def test_save_to_disk_folder_and_hub_cache_stream(tmp_path: Path) -> None:
+    """Arrow sources (a save_to_disk folder, a hub dataset in the local cache) stream through
+    `to_iterable_dataset()` over their memory-mapped files, and resume like files do."""
+    import datasets
+    from test_data import _fake_hub_cache
+
+    rows = [{"text": f"row {i}", "i": i} for i in range(1, 6)]
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(tmp_path / "saved")
+    )
+    source = stream_source(DataConfig(train_file=str(tmp_path / "saved")), MiscConfig())
+    stream = RowStream(source, shuffle=False, buffer_size=0)
+    assert [stream.next() for _ in range(2)] == [(1, rows[0]), (2, rows[1])]
+    again = RowStream(source, shuffle=False, buffer_size=0)
+    again.load_state_dict(stream.state_dict())
+    assert _pass(again) == [3, 4, 5]
+
+    _fake_hub_cache(tmp_path / "cache")
+    misc = MiscConfig(huggingface_cache_dir=str(tmp_path / "cache"))
+    hub = stream_source(DataConfig(dataset_name="user/toy", dataset_config="main"), misc)
+    hub_rows = RowStream(hub, shuffle=False, buffer_size=0)
+    assert [hub_rows.next() for _ in range(4)] == [
+        (1, {"text": "train0"}),
+        (2, {"text": "train1"}),
+        (3, {"text": "train2"}),
+        None,
+    ]

@@ -190,6 +190,15 @@ def test_sft_prompts_stop_before_the_first_trained_token(files: dict[str, Path])
     assert len(texts) == 4
 
 
+def test_streamed_data_gives_the_same_doctor_prompts(files: dict[str, Path]) -> None:
+    """data.streaming: the doctor reads only the stream's first examples, the same ones."""
+    path = str(_config(files, "stream_prompts", files["moe"]))
+    for stage in ("sft", "rl"):
+        memory = prepare(path, [f"stage={stage}", "data.shuffle=false"])
+        stream = ["data.streaming=true", "data.shuffle=false", "train.max_steps=1"]
+        assert prepare(path, [f"stage={stage}", *stream]).prompts == memory.prompts
+
+
 def test_sft_without_aux_loss_warns(files: dict[str, Path]) -> None:
     path = str(_config(files, "sft", files["moe"]))
     coef = _by_name(diagnose(path, ["stage=sft", "moe.router_aux_loss_coef=0"]))["aux coefficient"]

@@ -86,10 +86,18 @@ def doctor_prompts(cfg: Config, tokenizer: Any, n: int = NUM_PROMPTS) -> list[li
     from moepost.components.data_formats import IGNORE_INDEX
 
     seed = cfg.train.seed
-    if cfg.stage == "rl":
+    if cfg.data.streaming:  # the stream's first n examples; the source may not fit in memory
+        from moepost.components.data import stream_rl_data, stream_sft_data
+
+        loader = stream_rl_data if cfg.stage == "rl" else stream_sft_data
+        stream, _, _ = loader(cfg.data, cfg.misc, tokenizer, seed=seed)
+        train: list[Any] = stream.take(n)
+    elif cfg.stage == "rl":
         train, _, _ = load_rl_data(cfg.data, cfg.misc, tokenizer, seed=seed)
+    else:
+        train, _, _ = load_sft_data(cfg.data, cfg.misc, tokenizer, seed=seed)
+    if cfg.stage == "rl":
         return [list(ex.prompt_ids) for ex in train[:n]]
-    train, _, _ = load_sft_data(cfg.data, cfg.misc, tokenizer, seed=seed)
     prompts = []
     for ex in train[:n]:
         first = next((i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX), 0)
