@@ -103,3 +103,10 @@ def test_streaming_config_errors(tiny_model: Path, tmp_path: Path) -> None:
     cfg = _config("sft", tiny_model, data, tmp_path / "r", max_in_memory_bytes=0)
     with pytest.raises(UserError, match=r"^data.max_in_memory_bytes = 0"):
         make_config(cfg)
+
+
+def test_rl_eval_only_of_a_stream_needs_an_eval_source(tiny_model: Path, tmp_path: Path) -> None:
+    data = write_jsonl(tmp_path / "d.jsonl", format_rows("gsm8k", n=4))
+    cfg = make_config(_config("rl", tiny_model, data, tmp_path / "r", streaming=True))
+    with pytest.raises(UserError, match=r"^--eval-only with data.streaming: true needs data.eval"):
+        run_rl(cfg, eval_only=True)

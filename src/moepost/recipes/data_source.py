@@ -37,6 +37,10 @@ class ListData:
     def epoch(self, state: TrainState) -> float:
         return state.epoch + state.cursor / max(1, len(self.examples))
 
+    def all_examples(self) -> list[Any]:
+        """RL --eval-only without an eval split evaluates the training prompts."""
+        return self.examples
+
     def restore(self, state: TrainState) -> None:
         if STREAM_KEY in state.extra:
             raise UserError(
@@ -64,6 +68,12 @@ class StreamData:
 
     def epoch(self, state: TrainState) -> float:
         return float(self.stream.epoch)  # passes started so far: a stream's length is unknown
+
+    def all_examples(self) -> list[Any]:
+        raise UserError(
+            "--eval-only with data.streaming: true needs data.eval_file or data.eval_split "
+            "(a stream is not evaluated whole)"
+        )
 
     def restore(self, state: TrainState) -> None:
         if STREAM_KEY in state.extra:

@@ -89,13 +89,12 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         )
     if eval_only:
         reset_logs(run, after_step=None, names=EVAL_LOGS)
-        return _evaluate(run, engine, eval_set or _eval_fallback(train_set), reward_fns, step=0)
+        return _evaluate(run, engine, eval_set or train_set.all_examples(), reward_fns, step=0)
 
     reference = None
     if cfg.rl.kl_coef:
         reference = load_reference(cfg.model, cfg.misc, device=device, needed=True)
     total = cfg.train.max_steps or max(1, len(train_set) // cfg.train.prompts_per_step)
-    # (a stream has no len: the config check makes train.max_steps required with it)
     train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
     opt = Optimization(model, cfg, total)
     train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
@@ -166,16 +165,6 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     finish_run(run)
     dist.close()
     return last
-
-
-def _eval_fallback(train_set: Any) -> list[Any]:
-    """--eval-only without an eval split evaluates the training prompts (in memory only)."""
-    if train_set.streaming:
-        raise UserError(
-            "--eval-only with data.streaming: true needs data.eval_file or data.eval_split "
-            "(a stream is not evaluated whole)"
-        )
-    return train_set.examples
 
 
 def engine_sync_if_noisy(engine: Any, model: torch.nn.Module, sigma: float) -> None:
