@@ -173,3 +173,40 @@ def test_save_to_disk_folder_and_hub_cache_stream(tmp_path: Path) -> None:
         (3, {"text": "train2"}),
         None,
     ]
+
+
+def test_bad_line_past_the_first_block_stops_the_stream_there(tmp_path: Path) -> None:
+    """Read in small blocks, the rows before a bad line come out, then the error names the
+    line (datasets' own error gives only a byte position in the block)."""
+    import datasets
+
+    from moepost.components.data_stream import StreamSource
+
+    lines = [json.dumps({"text": f"row {i}", "i": i}) for i in range(1, 41)]
+    lines[29] = '{"text": "row 30", "i": '
+    path = tmp_path / "late.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+
+    def small_blocks() -> Any:
+        return datasets.load_dataset(
+            "json", data_files=str(path), split="train", streaming=True, chunksize=256
+        )
+
+    rows = RowStream(
+        StreamSource("data.train_file", str(path), small_blocks, path), shuffle=False, buffer_size=0
+    )
+    seen = []
+    with pytest.raises(UserError) as err:
+        while (item := rows.next()) is not None:
+            seen.append(item[0])
+    assert seen and seen == list(range(1, len(seen) + 1)) and len(seen) < 30
+    assert str(err.value).startswith(f"data.train_file: {path} line 30: not valid JSON")
+
+
+def test_csv_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"text,i\nrow 1,1\nr\xf6w 2,2\n")
+    with pytest.raises(UserError, match=rf"^data.train_file: {path} line 3: not UTF-8 text"):
+        _pass(_rows(path, shuffle=False, buffer_size=0))
+    with pytest.raises(UserError, match=rf"^data.train_file: {path} line 3: not UTF-8 text"):
+        read_rows(str(path), "data.train_file")
