@@ -11,7 +11,7 @@ import pytest
 import yaml
 from recipe_support import format_rows, read_log, write_jsonl
 from test_rl_recipe import rl_config
-from test_sft_recipe import sft_config
+from test_sft_recipe import _cli, sft_config
 
 from moepost.cli import main
 
@@ -179,3 +179,21 @@ def test_rl_prompts_over_the_limit_are_skipped_and_counted(
     code, _, err = _train(capsys, tmp_path, cfg, "data.max_prompt_length=5")
     needle = "no row gives a training example" if streaming else "every training prompt of"
     assert code == 2 and "Traceback" not in err and needle in err and str(data) in err, err
+
+
+def test_real_process_streamed_bad_line(tiny_model: Path, tmp_path: Path) -> None:
+    """In a real process nothing but the one line reaches stderr: datasets' own log record of
+    the parse failure is dropped, no traceback."""
+    lines = _lines("sft")
+    lines.insert(3, "{not json")
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(_config("sft", True, tiny_model, data, tmp_path / "run")))
+    result = _cli(["train", str(path)])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "Failed to" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"moepost: error: data.train_file: {data} line 4: not valid JSON "
+        "(Expecting property name enclosed in double quotes)"
+    )

@@ -65,7 +65,7 @@ def check_json_lines(path: Path, key: str) -> None:
                 _parse_line(line, path, key, line_no)
                 rows += 1
     if not rows:
-        raise UserError(f"{key}: {path}: the file is empty (no rows)")
+        raise UserError(f"{key}: {path}: no rows to train on (it is empty)")
 
 
 def _read_json(path: Path, key: str) -> list[dict[str, Any]]:
