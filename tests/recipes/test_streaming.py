@@ -37,7 +37,7 @@ def test_stream_over_the_cap_equals_in_memory_run(
 ) -> None:
     rows = format_rows("alpaca" if stage == "sft" else "gsm8k", n=10 if stage == "sft" else 5)
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    cap = data.stat().st_size - 1  # the file is larger than the cap
+    cap = data.stat().st_size // 4  # the file is four times the cap
     with pytest.raises(UserError, match=r"over data.max_in_memory_bytes=\d+; set data.streaming"):
         _run(stage, _config(stage, tiny_model, data, tmp_path / "refused", max_in_memory_bytes=cap))
     _run(stage, _config(stage, tiny_model, data, tmp_path / "mem", shuffle=False))
