@@ -7,11 +7,13 @@ or a Hub dataset read only from the local Hugging Face cache). Formats are norma
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from moepost.components.chat_formats import TextGuard, chat_format_name, check_chat_format
 from moepost.components.data_files import read_hub_cached, read_rows
 from moepost.components.data_formats import (
     IGNORE_INDEX,
@@ -29,6 +31,8 @@ from moepost.components.data_formats import (
 )
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
+
+logger = logging.getLogger("moepost.data")
 
 
 @dataclass
@@ -142,15 +146,55 @@ def _records(rows: _Rows | None, cfg: DataConfig, *, need_target: bool) -> list[
     ]
 
 
+def _record_texts(rec: Record) -> list[str]:
+    return [rec.text] if rec.text is not None else [m["content"] for m in rec.messages]
+
+
+def _changed_turn(messages: Conversation, rendered: str) -> str | None:
+    """The role of the first non-assistant turn whose text the chat template did not write as
+    is (Llama 3's template trims every turn, some templates drop a system turn), else None."""
+    for msg in messages:
+        if msg["role"] != "assistant" and msg["content"] and msg["content"] not in rendered:
+            return msg["role"]
+    return None
+
+
+def _warn_changed(changed: list[tuple[str, str]], stats: dict[str, int]) -> None:
+    stats["num_changed_by_template"] = stats.get("num_changed_by_template", 0) + len(changed)
+    if changed:
+        where, role = changed[0]
+        logger.warning(
+            "data: the tokenizer's chat template does not write the text of %d row(s) as given "
+            "(first: %s, its %s turn), e.g. it trims or drops a turn; the model sees the "
+            "template's version",
+            len(changed), where, role,
+        )  # fmt: skip
+
+
+def _check_prompt_template(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+    name = chat_format_name(cfg.prompt_template)
+    if name is not None:
+        check_chat_format(tokenizer, name)
+
+
 def _sft_examples(
     records: list[Record], tokenizer: Tokenizer, max_seq_length: int, stats: dict[str, int]
 ) -> list[SFTExample]:
     examples = []
+    guard = TextGuard(tokenizer)
+    changed: list[tuple[str, str]] = []
     for rec in records:
+        guard.check_text(_record_texts(rec), rec.where)
         if rec.text is not None:
             ex = tokenize_text(tokenizer, rec.text)
         else:
             ex = tokenize_conversation(tokenizer, rec.messages)
+        guard.check_ids(ex.input_ids, _record_texts(rec), rec.where)
+        if rec.text is None:
+            rendered = render_chat(tokenizer, rec.messages, add_generation_prompt=False)
+            role = _changed_turn(rec.messages, rendered)
+            if role is not None:
+                changed.append((rec.where, role))
         if len(ex.input_ids) > max_seq_length:
             stats["num_truncated"] += 1
             ex = SFTExample(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length])
@@ -159,6 +203,7 @@ def _sft_examples(
             stats["num_dropped_no_target"] += 1
             continue
         examples.append(ex)
+    _warn_changed(changed, stats)
     return examples
 
 
@@ -168,12 +213,15 @@ def load_sft_data(
     """Train and eval SFT examples, truncated to `data.max_seq_length`, and counts for the log.
 
     stats: num_train, num_eval, num_truncated, num_dropped_no_target (no assistant token left
-    after truncation, or none to begin with), mean_length, max_length (of the train examples).
+    after truncation, or none to begin with), num_changed_by_template (rows whose user / system
+    text the chat template does not write as given; logged as a warning), mean_length,
+    max_length (of the train examples).
     """
     if cfg.max_seq_length < 2:
         raise UserError(f"data.max_seq_length: must be >= 2, got {cfg.max_seq_length}")
+    _check_prompt_template(cfg, tokenizer)
     train_rows, eval_rows = _load_split(cfg, misc, seed)
-    counts = {"num_truncated": 0, "num_dropped_no_target": 0}
+    counts = {"num_truncated": 0, "num_dropped_no_target": 0, "num_changed_by_template": 0}
     train = _sft_examples(
         _records(train_rows, cfg, need_target=True), tokenizer, cfg.max_seq_length, counts
     )
@@ -197,7 +245,10 @@ def _prompt_examples(
     records: list[Record], tokenizer: Tokenizer, max_prompt_length: int, stats: dict[str, int]
 ) -> list[PromptExample]:
     examples = []
+    guard = TextGuard(tokenizer)
+    changed: list[tuple[str, str]] = []
     for rec in records:
+        guard.check_text(_record_texts(rec), rec.where)
         if rec.text is not None:
             prompt_messages: Conversation = [{"role": "user", "content": rec.text}]
             target = None
@@ -208,10 +259,15 @@ def _prompt_examples(
             columns.setdefault("answer", target)
         text = render_chat(tokenizer, prompt_messages, add_generation_prompt=True)
         ids = encode(tokenizer, text)
+        guard.check_ids(ids, [m["content"] for m in prompt_messages], rec.where)
+        role = _changed_turn(prompt_messages, text)
+        if role is not None:
+            changed.append((rec.where, role))
         if len(ids) > max_prompt_length:
             stats["num_dropped_too_long"] += 1
             continue
         examples.append(PromptExample(prompt_messages, text, ids, columns))
+    _warn_changed(changed, stats)
     return examples
 
 
@@ -222,10 +278,12 @@ def load_rl_data(
 
     A trailing assistant turn is removed from the prompt and kept as columns['answer'] when the
     row has no other reference. stats: num_train, num_eval, num_dropped_too_long,
+    num_changed_by_template (see load_sft_data),
     mean_prompt_length, max_prompt_length.
     """
+    _check_prompt_template(cfg, tokenizer)
     train_rows, eval_rows = _load_split(cfg, misc, seed)
-    counts = {"num_dropped_too_long": 0}
+    counts = {"num_dropped_too_long": 0, "num_changed_by_template": 0}
     train = _prompt_examples(
         _records(train_rows, cfg, need_target=False), tokenizer, cfg.max_prompt_length, counts
     )

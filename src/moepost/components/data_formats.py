@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from moepost.components.chat_formats import chat_format_name, template_fields
 from moepost.config.schema import DataConfig
 from moepost.errors import UserError
 
@@ -55,6 +56,7 @@ class Record:
     messages: Conversation
     text: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # "data.train_file: row 3", for errors found later (tokenization)
 
 
 def _shape_list() -> str:
@@ -205,6 +207,7 @@ def _apply_prompt_template(
     user = next((m for m in msgs if m["role"] == "user"), None)
     if user is None:
         raise UserError(f"{where}: data.prompt_template needs a user message, the row has none")
+    template_fields(template)  # plain {name} fields only: no attribute or index look-ups
     fields = {k: v for k, v in row.items() if isinstance(v, (str, int, float))}
     fields["content"] = user["content"]
     try:
@@ -233,11 +236,19 @@ def normalize_row(
     number: the 1-based row number used in error messages.
     """
     r = _RowReader(row, fmt, source, number)
+    named_format = chat_format_name(cfg.prompt_template)  # None: a {field} template, or none
     if fmt == "text":
+        # SFT tokenizes plain text as is (no chat template), and a {field} template has no
+        # user turn to rewrite: either setting would be silently ignored.
+        if cfg.prompt_template is not None and (need_target or named_format is None):
+            raise UserError(
+                f"data.prompt_template = {cfg.prompt_template[:40]!r} does not apply to "
+                "data.format=text (plain text is tokenized as written); remove it"
+            )
         text = _text(r.get(cfg.prompt_key or "text", required=True), r.where)
-        return Record(messages=[], text=text, columns=r.columns())
+        return Record(messages=[], text=text, columns=r.columns(), where=r.where)
     msgs, answer = _conversation(r, cfg, need_target)
-    if cfg.prompt_template:
+    if cfg.prompt_template is not None and named_format is None:
         _apply_prompt_template(msgs, row, cfg.prompt_template, r.where)
     if answer is not None and not isinstance(answer, list):
         msgs.append({"role": "assistant", "content": _text(answer, r.where)})
@@ -253,7 +264,7 @@ def normalize_row(
         columns["answer"] = row[cfg.answer_key]
     elif answer is not None and "answer" not in columns:
         columns["answer"] = answer if isinstance(answer, str) else msgs[-1]["content"]
-    return Record(messages=msgs, columns=columns)
+    return Record(messages=msgs, columns=columns, where=r.where)
 
 
 def split_prompt(messages: Conversation) -> tuple[Conversation, str | None]:
