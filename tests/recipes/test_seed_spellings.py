@@ -114,3 +114,19 @@ def test_aqn_target_modules_string_is_a_json_list(tiny_model: Path, tmp_path: Pa
         noise["target_modules"] = bad
         with pytest.raises(UserError, match=r"noise_injection\.target_modules = .*list of str"):
             make_config(rl_config(tiny_model, data, tmp_path / "run", noise_injection=noise))
+
+
+def test_json_list_strings_only_for_name_lists(tiny_model: Path, tmp_path: Path) -> None:
+    """A stop string such as "[END]" stays one string; a LoRA target list string is parsed."""
+    data = write_jsonl(tmp_path / "d.jsonl", format_rows("gsm8k", n=12))
+    cfg = make_config(
+        rl_config(
+            tiny_model,
+            data,
+            tmp_path / "run",
+            generation={"stop": "[END]"},
+            model={"lora": {"target_modules": '["q_proj","v_proj"]'}},
+        )
+    )
+    assert cfg.generation.stop == ["[END]"]
+    assert cfg.model.lora.target_modules == ["q_proj", "v_proj"]

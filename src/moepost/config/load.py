@@ -132,6 +132,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Lists of names that pipelines write as a JSON string ('["experts","mlp"]'). Not every list:
+# a generation.stop string such as "[END]" is one stop string, not JSON.
+_JSON_LIST_KEYS = (
+    "noise_injection.target_modules",
+    "model.lora.target_modules",
+    "logging.report_to",
+)
+
+
 def _json_string_list(value: str, source: str, key: str) -> list[str]:
     """'["experts","mlp"]' (a list written as a quoted string, as some pipelines do) -> list.
 
@@ -174,7 +183,7 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin is list:
         (item_tp,) = get_args(tp) or (Any,)
         if isinstance(value, str) and item_tp is str:
-            if value.lstrip().startswith("["):
+            if key in _JSON_LIST_KEYS and value.lstrip().startswith("["):
                 value = _json_string_list(value, source, key)
             else:
                 return [value]  # a single name where a list is expected is unambiguous
