@@ -231,3 +231,48 @@ def test_template_that_trims_turns_is_reported(
     assert len(warnings) == 2 and "data.train_file: row 1, its system turn" in warnings[0]
     _, _, clean = load_rl_data(cfg, MiscConfig(), byte_tokenizer())
     assert clean["num_changed_by_template"] == 0
+
+
+def test_message_keys_besides_content_reach_the_template(tmp_path: Path) -> None:
+    """reasoning_content / name are passed on (a template that renders them shows them)."""
+    tok = byte_tokenizer()
+    tok.chat_template = CHATML.replace(
+        "{{ m['content'] }}",
+        "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
+        "{{ m['content'] }}",
+    )
+    reasoning = " I add 40 and 2 {content} ü\n"
+    msgs = [
+        {"role": "user", "content": USER, "name": "ann"},
+        {"role": "assistant", "content": ASSISTANT, "reasoning_content": reasoning},
+    ]
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (ex,), _, _ = load_sft_data(DataConfig(train_file=str(path)), MiscConfig(), tok)
+    trained = tok.decode([t for t in ex.labels if t != IGNORE_INDEX])
+    assert trained == f"<think>{reasoning}</think>{ASSISTANT}{EOT}"
+    (rl,), _, _ = load_rl_data(DataConfig(train_file=str(path)), MiscConfig(), tok)
+    assert rl.prompt_messages == [msgs[0]] and rl.columns["answer"] == ASSISTANT
+    msgs[1]["reasoning_content"] = "x <|im_end|>"  # extra keys are guarded like content
+    path.write_text(json.dumps({"messages": msgs}) + "\n")
+    with pytest.raises(UserError, match="control token"):
+        load_sft_data(DataConfig(train_file=str(path)), MiscConfig(), tok)
+
+
+def test_alpaca_zero_input_is_kept(tmp_path: Path, tok: Any) -> None:
+    path = tmp_path / "a.jsonl"
+    path.write_text(json.dumps({"instruction": "add", "input": 0, "output": "0"}) + "\n")
+    (ex,), _, _ = load_rl_data(DataConfig(train_file=str(path)), MiscConfig(), tok)
+    assert ex.prompt_messages == [{"role": "user", "content": "add\n\n0"}]
+
+
+def test_gsm8k_convert_keeps_the_text(tmp_path: Path, tok: Any) -> None:
+    """`moepost data convert --format gsm8k` output loads to the same unchanged text."""
+    from moepost.components.data_files import convert_gsm8k_to_chat
+
+    src, out = tmp_path / "g.jsonl", tmp_path / "chat.jsonl"
+    src.write_text(json.dumps({"question": USER, "answer": ASSISTANT}, ensure_ascii=False) + "\n")
+    assert convert_gsm8k_to_chat(str(src), str(out)) == 1
+    (ex,), _, _ = load_rl_data(DataConfig(train_file=str(out)), MiscConfig(), tok)
+    assert ex.prompt_text == _turn("user", USER) + "<|im_start|>assistant\n"
+    assert ex.columns["answer"] == ASSISTANT

@@ -147,7 +147,10 @@ def _records(rows: _Rows | None, cfg: DataConfig, *, need_target: bool) -> list[
 
 
 def _record_texts(rec: Record) -> list[str]:
-    return [rec.text] if rec.text is not None else [m["content"] for m in rec.messages]
+    """Every text of the row that reaches the template (message keys besides content too)."""
+    if rec.text is not None:
+        return [rec.text]
+    return [v for m in rec.messages for k, v in m.items() if k != "role" and isinstance(v, str)]
 
 
 def _changed_turn(messages: Conversation, rendered: str) -> str | None:

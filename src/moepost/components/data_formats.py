@@ -17,7 +17,8 @@ from moepost.components.chat_formats import chat_format_name, template_fields
 from moepost.config.schema import DataConfig
 from moepost.errors import UserError
 
-Conversation = list[dict[str, str]]
+# Each message: role and content (str), plus any other key the row's message had.
+Conversation = list[dict[str, Any]]
 
 FORMAT_SHAPES: dict[str, str] = {
     "messages": "{'messages': [{'role': 'user', 'content': ...}, ...]} (or 'conversations')",
@@ -121,6 +122,16 @@ def _text(value: Any, where: str) -> str:
     raise UserError(f"{where}: expected text, got {type(value).__name__}")
 
 
+def _extra_keys(msg: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
+    """A message's other keys (reasoning_content, name, tool_calls, ...), passed on to the chat
+    template as they are: templates that know them render them, none is dropped here."""
+    return {k: v for k, v in msg.items() if k not in used}
+
+
+def _optional_text(value: Any, where: str) -> str:
+    return "" if value is None else _text(value, where)
+
+
 class _RowReader:
     """Reads the fields of one row, naming source and row number in every error."""
 
@@ -150,9 +161,16 @@ class _RowReader:
                         f"{where}: unknown speaker {msg['from']!r}; expected one of "
                         f"{sorted(_SHAREGPT_ROLES)}"
                     )
-                out.append({"role": role, "content": _text(msg.get("value"), where)})
+                content = _text(msg.get("value"), where)
+                out.append(
+                    {**_extra_keys(msg, ("from", "value")), "role": role, "content": content}
+                )
             elif "role" in msg and "content" in msg:
-                out.append({"role": str(msg["role"]), "content": _text(msg["content"], where)})
+                content = _text(msg["content"], where)
+                role = str(msg["role"])
+                out.append(
+                    {**_extra_keys(msg, ("role", "content")), "role": role, "content": content}
+                )
             else:
                 wanted = "'from' and 'value'" if sharegpt else "'role' and 'content'"
                 raise UserError(f"{where}: a message needs {wanted}, got keys {sorted(msg)}")
@@ -174,11 +192,12 @@ def _conversation(r: _RowReader, cfg: DataConfig, need_target: bool) -> tuple[Co
         return msgs, None
     if fmt == "alpaca":
         instruction = _text(r.get(cfg.prompt_key or "instruction", required=True), r.where)
-        extra = r.get("input", required=False)
+        # An empty input or system adds nothing; any other value (0 too) is kept as text.
+        extra = _optional_text(r.get("input", required=False), r.where)
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        system = r.get("system", required=False)
+        system = _optional_text(r.get("system", required=False), r.where)
         answer = r.get(cfg.answer_key or "output", required=need_target)
-        msgs = [{"role": "system", "content": _text(system, r.where)}] if system else []
+        msgs = [{"role": "system", "content": system}] if system else []
         msgs.append({"role": "user", "content": user})
         return msgs, answer
     if fmt == "prompt_completion":
