@@ -276,3 +276,12 @@ def test_gsm8k_convert_keeps_the_text(tmp_path: Path, tok: Any) -> None:
     (ex,), _, _ = load_rl_data(DataConfig(train_file=str(out)), MiscConfig(), tok)
     assert ex.prompt_text == _turn("user", USER) + "<|im_start|>assistant\n"
     assert ex.columns["answer"] == ASSISTANT
+
+
+def test_unknown_token_shared_with_eos_is_not_lost_text(tmp_path: Path) -> None:
+    """GPT-2 style: unk_token == eos_token; the EOS that text rows end with is no lost text."""
+    tok = byte_tokenizer()
+    tok.unk_token = EOT
+    assert tok.unk_token_id == tok.eos_token_id
+    (ex,), _, _ = load_sft_data(_config(tmp_path, "text", None), MiscConfig(), tok)
+    assert tok.decode(ex.input_ids) == USER + ASSISTANT + EOT

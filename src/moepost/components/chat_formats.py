@@ -110,7 +110,11 @@ class TextGuard:
         ordered = sorted((s for s in specials if s), key=len, reverse=True)
         self.control = re.compile("|".join(map(re.escape, ordered))) if ordered else None
         self.tokenizer = tokenizer
-        self.unk_id = getattr(tokenizer, "unk_token_id", None)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        # GPT-2 style tokenizers name EOS as their unknown token too: the templates' own EOS
+        # would look like lost text, and such byte-level tokenizers have no unknown text.
+        others = {getattr(tokenizer, f"{n}_token_id", None) for n in ("eos", "pad", "bos")}
+        self.unk_id = None if unk in others else unk
 
     def check_text(self, texts: Iterable[str], where: str) -> None:
         for text in texts:
