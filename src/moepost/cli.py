@@ -14,7 +14,7 @@ from moepost.errors import UserError
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", help="YAML or JSON run config")
+    p.add_argument("config", help="YAML or JSON run config (or --config PATH)")
     p.add_argument(
         "overrides", nargs="*", help="dotted key=value overrides, e.g. rl.algorithm=grpo"
     )
@@ -166,8 +166,49 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
+# Commands whose positional `config` may be given as `--config PATH` instead.
+_CONFIG_COMMANDS = ("train", "eval", "doctor", "plan")
+
+
+def _config_flag_argv(argv: list[str]) -> list[str]:
+    """Rewrite the seed pipelines' `[CMD] --config PATH [...]` to `CMD PATH [...]`.
+
+    Without a command, `--config PATH` means `train` (`--eval-only` then evaluates), which is
+    how `python -m <pipeline> --config X.yaml [--eval-only]` behaves in those pipelines.
+    """
+    flags = [i for i, a in enumerate(argv) if a == "--config" or a.startswith("--config=")]
+    if not flags:
+        return argv
+    if len(flags) > 1:
+        raise UserError("--config is given more than once; give one config file")
+    i = flags[0]
+    if argv[i] == "--config":
+        if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+            raise UserError("--config needs a path: --config PATH.yaml")
+        path, rest = argv[i + 1], [*argv[:i], *argv[i + 2 :]]
+    else:
+        path, rest = argv[i].split("=", 1)[1], [*argv[:i], *argv[i + 1 :]]
+    # Skip the launcher's leading --local_rank (deepspeed puts it first); then the command.
+    pos = 0
+    while pos < len(rest) and rest[pos].startswith(("--local_rank", "--local-rank")):
+        pos += 1 if "=" in rest[pos] else 2
+    if pos >= len(rest) or rest[pos] not in COMMANDS:
+        rest = [*rest[:pos], "train", *rest[pos:]]
+    elif rest[pos] not in _CONFIG_COMMANDS:
+        raise UserError(f"--config: `moepost {rest[pos]}` takes no config file")
+    following = rest[pos + 1 :]
+    if following and not following[0].startswith("-") and "=" not in following[0]:
+        raise UserError(f"config given twice: --config {path} and {following[0]}; give one of them")
+    return [*rest[: pos + 1], path, *following]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        argv = _config_flag_argv(list(sys.argv[1:] if argv is None else argv))
+    except UserError as e:
+        print(f"moepost: error: {e}", file=sys.stderr)
+        return 2
     args, extra = parser.parse_known_args(argv)
     # argparse assigns `overrides` before options: `plan C --gpus 8 k=v` leaves k=v over.
     if (

@@ -38,13 +38,14 @@ from moepost.rewards import (
     [
         ("so #### 72", "strict", "72"),
         ("#### 72.0", "strict", "72.0"),
-        ("#### $1,234.", "strict", "1234"),
+        ("#### 1,234.", "strict", "1234."),  # verl: commas removed, the rest as written
+        ("#### $1,234", "strict", None),  # verl's strict pattern has no "$"
         ("#### -3", "strict", "-3"),
         ("#### 1 ... then #### 2", "strict", "2"),  # the last "####" wins
         ("I think 5 apples, 6 pears", "strict", None),  # strict ignores numbers not after ####
         ("no number here", "flexible", None),
-        ("The answer is $1,234.", "flexible", "1234"),
-        ("3 cats and 4.5 dogs, total -7.25.", "flexible", "-7.25"),
+        ("The answer is $1,234.", "flexible", "1,234."),
+        ("3 cats and 4.5 dogs, total -7.25.", "flexible", "-7.25."),
         ("#### 9 and later 11", "flexible", "11"),
     ],
 )
@@ -57,7 +58,7 @@ def test_gsm8k_strict_compares_numbers() -> None:
         "#### 72",  # 1: plain
         "#### 72.0",  # 1: 72.0 == 72
         "Answer: #### 72.",  # 1: trailing period stripped
-        "#### $1,234",  # 1: reference given as a full solution
+        "#### 1,234",  # 1: reference given as a full solution
         "#### -3",  # 1
         "The answer is 72",  # 0: no "####"
         "#### 71",  # 0: wrong
@@ -81,7 +82,7 @@ def test_gsm8k_flexible_and_scores() -> None:
 def test_gsm8k_errors() -> None:
     with pytest.raises(UserError, match="'answer' column"):
         gsm8k(["p"], ["#### 1"])
-    with pytest.raises(UserError, match="strict' or 'flexible"):
+    with pytest.raises(UserError, match="method must be one of"):
         gsm8k(["p"], ["#### 1"], answer=["1"], method="loose")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="has no number"):
         gsm8k(["p"], ["#### 1"], answer=["unknown"])

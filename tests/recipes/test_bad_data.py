@@ -148,7 +148,11 @@ def test_sft_long_rows_are_truncated_and_untrainable_rows_skipped(
     code, out, err = _train(capsys, tmp_path, _config("sft", streaming, tiny_model, data, run))
     assert code == 0, err
     if streaming:  # step 1 read rows 1-6 to find its 4 examples
-        assert _counts(run) == {"data/num_truncated": 2.0, "data/num_dropped_no_target": 2.0}
+        assert _counts(run) == {
+            "data/num_truncated": 2.0,
+            "data/num_dropped_no_target": 2.0,
+            "data/num_changed_by_template": 0.0,
+        }
     else:
         assert "data: 6 train / 0 eval examples, 2 truncated to data.max_seq_length=64, " in out
         assert "2 skipped (no assistant token to learn)" in out
@@ -173,7 +177,10 @@ def test_rl_prompts_over_the_limit_are_skipped_and_counted(
     code, out, err = _train(capsys, tmp_path, cfg)
     assert code == 0, err
     if streaming:
-        assert _counts(run) == {"data/num_dropped_too_long": 1.0}
+        assert _counts(run) == {
+            "data/num_dropped_too_long": 1.0,
+            "data/num_changed_by_template": 0.0,
+        }
     else:
         assert "data: 5 train / 0 eval prompts, 1 skipped (longer than" in out
     code, _, err = _train(capsys, tmp_path, cfg, "data.max_prompt_length=5")

@@ -7,11 +7,13 @@ or a Hub dataset read only from the local Hugging Face cache). Formats are norma
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from moepost.components.chat_formats import TextGuard, chat_format_name, check_chat_format
 from moepost.components.data_files import read_hub_cached, read_rows
 from moepost.components.data_formats import (
     IGNORE_INDEX,
@@ -30,6 +32,8 @@ from moepost.components.data_formats import (
 from moepost.components.data_stream import ExampleStream, RowStream, stream_source
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
+
+logger = logging.getLogger("moepost.data")
 
 
 @dataclass
@@ -171,10 +175,16 @@ def _records(rows: _Rows | None, cfg: DataConfig, *, need_target: bool) -> list[
 
 
 def sft_example(
-    rec: Record, tokenizer: Tokenizer, max_seq_length: int, stats: dict[str, int]
+    rec: Record,
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    stats: dict[str, int],
+    guard: TextGuard,
 ) -> SFTExample | None:
     """Tokens + labels of one record, cut to `max_seq_length`; None (counted in
-    stats['num_dropped_no_target']) when no assistant token is left to learn."""
+    stats['num_dropped_no_target']) when no assistant token is left to learn. The record's
+    text is checked by `guard` (control tokens, unknown characters) before it is tokenised."""
+    guard.check_text(_record_texts(rec), rec.where)
     if rec.text is None and not any(
         m["role"] == "assistant" and m["content"].strip() for m in rec.messages
     ):
@@ -184,6 +194,10 @@ def sft_example(
         ex = tokenize_text(tokenizer, rec.text)
     else:
         ex = tokenize_conversation(tokenizer, rec.messages)
+    guard.check_ids(ex.input_ids, _record_texts(rec), rec.where)
+    if rec.text is None:
+        rendered = render_chat(tokenizer, rec.messages, add_generation_prompt=False)
+        _note_changed(rec.where, _changed_turn(rec.messages, rendered), stats)
     if len(ex.input_ids) > max_seq_length:
         stats["num_truncated"] += 1
         ex = SFTExample(ex.input_ids[:max_seq_length], ex.labels[:max_seq_length])
@@ -194,10 +208,49 @@ def sft_example(
     return ex
 
 
+def _record_texts(rec: Record) -> list[str]:
+    """Every text of the row that reaches the template (message keys besides content too)."""
+    if rec.text is not None:
+        return [rec.text]
+    return [v for m in rec.messages for k, v in m.items() if k != "role" and isinstance(v, str)]
+
+
+def _changed_turn(messages: Conversation, rendered: str) -> str | None:
+    """The role of the first non-assistant turn whose text the chat template did not write as
+    is (Llama 3's template trims every turn, some templates drop a system turn), else None."""
+    for msg in messages:
+        if msg["role"] != "assistant" and msg["content"] and msg["content"] not in rendered:
+            return msg["role"]
+    return None
+
+
+def _note_changed(where: str, role: str | None, stats: dict[str, int]) -> None:
+    """Count a row whose `role` turn the chat template changed; warn at the first one."""
+    count = stats.setdefault("num_changed_by_template", 0)
+    if role is None:
+        return
+    stats["num_changed_by_template"] = count + 1
+    if count == 0:
+        logger.warning(
+            "data: the tokenizer's chat template does not write the text of a row as given "
+            "(first: %s, its %s turn), e.g. it trims or drops a turn; the model sees the "
+            "template's version (rows affected: num_changed_by_template in the data stats)",
+            where, role,
+        )  # fmt: skip
+
+
+def _check_prompt_template(cfg: DataConfig, tokenizer: Tokenizer) -> None:
+    name = chat_format_name(cfg.prompt_template)
+    if name is not None:
+        check_chat_format(tokenizer, name)
+
+
 def _sft_examples(
     records: list[Record], tokenizer: Tokenizer, max_seq_length: int, stats: dict[str, int]
 ) -> list[SFTExample]:
-    examples = (sft_example(rec, tokenizer, max_seq_length, stats) for rec in records)
+    guard = TextGuard(tokenizer)
+    stats.setdefault("num_changed_by_template", 0)
+    examples = (sft_example(rec, tokenizer, max_seq_length, stats, guard) for rec in records)
     return [ex for ex in examples if ex is not None]
 
 
@@ -207,12 +260,15 @@ def load_sft_data(
     """Train and eval SFT examples, truncated to `data.max_seq_length`, and counts for the log.
 
     stats: num_train, num_eval, num_truncated, num_dropped_no_target (no assistant token left
-    after truncation, or none to begin with), mean_length, max_length (of the train examples).
+    after truncation, or none to begin with), num_changed_by_template (rows whose user / system
+    text the chat template does not write as given; logged as a warning), mean_length,
+    max_length (of the train examples).
     """
     if cfg.max_seq_length < 2:
         raise UserError(f"data.max_seq_length: must be >= 2, got {cfg.max_seq_length}")
+    _check_prompt_template(cfg, tokenizer)
     train_rows, eval_rows = _load_split(cfg, misc, seed)
-    counts = {"num_truncated": 0, "num_dropped_no_target": 0}
+    counts = {"num_truncated": 0, "num_dropped_no_target": 0, "num_changed_by_template": 0}
     train = _sft_examples(
         _records(train_rows, cfg, need_target=True), tokenizer, cfg.max_seq_length, counts
     )
@@ -236,10 +292,15 @@ def load_sft_data(
 
 
 def prompt_example(
-    rec: Record, tokenizer: Tokenizer, max_prompt_length: int, stats: dict[str, int]
+    rec: Record,
+    tokenizer: Tokenizer,
+    max_prompt_length: int,
+    stats: dict[str, int],
+    guard: TextGuard,
 ) -> PromptExample | None:
     """The RL prompt of one record; None (counted in stats['num_dropped_too_long']) when it
-    has more than `max_prompt_length` tokens."""
+    has more than `max_prompt_length` tokens. The text is checked by `guard` first."""
+    guard.check_text(_record_texts(rec), rec.where)
     if rec.text is not None:
         prompt_messages: Conversation = [{"role": "user", "content": rec.text}]
         target = None
@@ -250,6 +311,8 @@ def prompt_example(
         columns.setdefault("answer", target)
     text = render_chat(tokenizer, prompt_messages, add_generation_prompt=True)
     ids = encode(tokenizer, text)
+    guard.check_ids(ids, [m["content"] for m in prompt_messages], rec.where)
+    _note_changed(rec.where, _changed_turn(prompt_messages, text), stats)
     if len(ids) > max_prompt_length:
         stats["num_dropped_too_long"] += 1
         return None
@@ -259,7 +322,9 @@ def prompt_example(
 def _prompt_examples(
     records: list[Record], tokenizer: Tokenizer, max_prompt_length: int, stats: dict[str, int]
 ) -> list[PromptExample]:
-    examples = (prompt_example(rec, tokenizer, max_prompt_length, stats) for rec in records)
+    guard = TextGuard(tokenizer)
+    stats.setdefault("num_changed_by_template", 0)
+    examples = (prompt_example(rec, tokenizer, max_prompt_length, stats, guard) for rec in records)
     return [ex for ex in examples if ex is not None]
 
 
@@ -270,10 +335,12 @@ def load_rl_data(
 
     A trailing assistant turn is removed from the prompt and kept as columns['answer'] when the
     row has no other reference. stats: num_train, num_eval, num_dropped_too_long,
+    num_changed_by_template (see load_sft_data),
     mean_prompt_length, max_prompt_length.
     """
+    _check_prompt_template(cfg, tokenizer)
     train_rows, eval_rows = _load_split(cfg, misc, seed)
-    counts = {"num_dropped_too_long": 0}
+    counts = {"num_dropped_too_long": 0, "num_changed_by_template": 0}
     train = _prompt_examples(
         _records(train_rows, cfg, need_target=False), tokenizer, cfg.max_prompt_length, counts
     )
@@ -339,13 +406,15 @@ def stream_sft_data(
 ) -> tuple[ExampleStream, list[SFTExample], dict[str, float]]:
     """`load_sft_data` for data.streaming: the train side as a stream; eval rows (data.eval_file
     or data.eval_split) are read into memory. stats: num_eval."""
-    counts = {"num_truncated": 0, "num_dropped_no_target": 0}
+    _check_prompt_template(cfg, tokenizer)
+    guard = TextGuard(tokenizer)
+    counts = {"num_truncated": 0, "num_dropped_no_target": 0, "num_changed_by_template": 0}
     stream = _stream(
         cfg,
         misc,
         seed,
         counts,
-        lambda rec: sft_example(rec, tokenizer, cfg.max_seq_length, counts),
+        lambda rec: sft_example(rec, tokenizer, cfg.max_seq_length, counts, guard),
         need_target=True,
     )
     eval_counts = {"num_truncated": 0, "num_dropped_no_target": 0}
@@ -362,13 +431,15 @@ def stream_rl_data(
     cfg: DataConfig, misc: MiscConfig, tokenizer: Tokenizer, *, seed: int = 42
 ) -> tuple[ExampleStream, list[PromptExample], dict[str, float]]:
     """`load_rl_data` for data.streaming (see `stream_sft_data`)."""
-    counts = {"num_dropped_too_long": 0}
+    _check_prompt_template(cfg, tokenizer)
+    guard = TextGuard(tokenizer)
+    counts = {"num_dropped_too_long": 0, "num_changed_by_template": 0}
     stream = _stream(
         cfg,
         misc,
         seed,
         counts,
-        lambda rec: prompt_example(rec, tokenizer, cfg.max_prompt_length, counts),
+        lambda rec: prompt_example(rec, tokenizer, cfg.max_prompt_length, counts, guard),
         need_target=False,
     )
     evals = _prompt_examples(

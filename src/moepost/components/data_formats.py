@@ -13,10 +13,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from moepost.components.chat_formats import chat_format_name, template_fields
 from moepost.config.schema import DataConfig
 from moepost.errors import UserError
 
-Conversation = list[dict[str, str]]
+# Each message: role and content (str), plus any other key the row's message had.
+Conversation = list[dict[str, Any]]
 
 FORMAT_SHAPES: dict[str, str] = {
     "messages": "{'messages': [{'role': 'user', 'content': ...}, ...]} (or 'conversations')",
@@ -55,6 +57,7 @@ class Record:
     messages: Conversation
     text: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # "data.train_file: row 3", for errors found later (tokenization)
 
 
 def _shape_list() -> str:
@@ -119,6 +122,16 @@ def _text(value: Any, where: str) -> str:
     raise UserError(f"{where}: expected text, got {type(value).__name__}")
 
 
+def _extra_keys(msg: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
+    """A message's other keys (reasoning_content, name, tool_calls, ...), passed on to the chat
+    template as they are: templates that know them render them, none is dropped here."""
+    return {k: v for k, v in msg.items() if k not in used}
+
+
+def _optional_text(value: Any, where: str) -> str:
+    return "" if value is None else _text(value, where)
+
+
 class _RowReader:
     """Reads the fields of one row, naming source and row number in every error."""
 
@@ -151,9 +164,16 @@ class _RowReader:
                         f"{where}: unknown speaker {msg['from']!r}; expected one of "
                         f"{sorted(_SHAREGPT_ROLES)}"
                     )
-                out.append({"role": role, "content": _text(msg.get("value"), where)})
+                content = _text(msg.get("value"), where)
+                out.append(
+                    {**_extra_keys(msg, ("from", "value")), "role": role, "content": content}
+                )
             elif "role" in msg and "content" in msg:
-                out.append({"role": str(msg["role"]), "content": _text(msg["content"], where)})
+                content = _text(msg["content"], where)
+                role = str(msg["role"])
+                out.append(
+                    {**_extra_keys(msg, ("role", "content")), "role": role, "content": content}
+                )
             else:
                 wanted = "'from' and 'value'" if sharegpt else "'role' and 'content'"
                 raise UserError(f"{where}: a message needs {wanted}, got keys {sorted(msg)}")
@@ -175,11 +195,12 @@ def _conversation(r: _RowReader, cfg: DataConfig, need_target: bool) -> tuple[Co
         return msgs, None
     if fmt == "alpaca":
         instruction = _text(r.get(cfg.prompt_key or "instruction", required=True), r.where)
-        extra = r.get("input", required=False)
+        # An empty input or system adds nothing; any other value (0 too) is kept as text.
+        extra = _optional_text(r.get("input", required=False), r.where)
         user = f"{instruction}\n\n{extra}" if extra else instruction
-        system = r.get("system", required=False)
+        system = _optional_text(r.get("system", required=False), r.where)
         answer = r.get(cfg.answer_key or "output", required=need_target)
-        msgs = [{"role": "system", "content": _text(system, r.where)}] if system else []
+        msgs = [{"role": "system", "content": system}] if system else []
         msgs.append({"role": "user", "content": user})
         return msgs, answer
     if fmt == "prompt_completion":
@@ -208,6 +229,7 @@ def _apply_prompt_template(
     user = next((m for m in msgs if m["role"] == "user"), None)
     if user is None:
         raise UserError(f"{where}: data.prompt_template needs a user message, the row has none")
+    template_fields(template)  # plain {name} fields only: no attribute or index look-ups
     fields = {k: v for k, v in row.items() if isinstance(v, (str, int, float))}
     fields["content"] = user["content"]
     try:
@@ -236,11 +258,19 @@ def normalize_row(
     number: the 1-based row number used in error messages.
     """
     r = _RowReader(row, fmt, source, number)
+    named_format = chat_format_name(cfg.prompt_template)  # None: a {field} template, or none
     if fmt == "text":
+        # SFT tokenizes plain text as is (no chat template), and a {field} template has no
+        # user turn to rewrite: either setting would be silently ignored.
+        if cfg.prompt_template is not None and (need_target or named_format is None):
+            raise UserError(
+                f"data.prompt_template = {cfg.prompt_template[:40]!r} does not apply to "
+                "data.format=text (plain text is tokenized as written); remove it"
+            )
         text = _text(r.get(cfg.prompt_key or "text", required=True), r.where)
-        return Record(messages=[], text=text, columns=r.columns())
+        return Record(messages=[], text=text, columns=r.columns(), where=r.where)
     msgs, answer = _conversation(r, cfg, need_target)
-    if cfg.prompt_template:
+    if cfg.prompt_template is not None and named_format is None:
         _apply_prompt_template(msgs, row, cfg.prompt_template, r.where)
     if answer is not None and not isinstance(answer, list):
         msgs.append({"role": "assistant", "content": _text(answer, r.where)})
@@ -256,7 +286,7 @@ def normalize_row(
         columns["answer"] = row[cfg.answer_key]
     elif answer is not None and "answer" not in columns:
         columns["answer"] = answer if isinstance(answer, str) else msgs[-1]["content"]
-    return Record(messages=msgs, columns=columns)
+    return Record(messages=msgs, columns=columns, where=r.where)
 
 
 def split_prompt(messages: Conversation) -> tuple[Conversation, str | None]:

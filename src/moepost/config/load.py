@@ -132,6 +132,32 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+# Lists of names that pipelines write as a JSON string ('["experts","mlp"]'). Not every list:
+# a generation.stop string such as "[END]" is one stop string, not JSON.
+_JSON_LIST_KEYS = (
+    "noise_injection.target_modules",
+    "model.lora.target_modules",
+    "logging.report_to",
+)
+
+
+def _json_string_list(value: str, source: str, key: str) -> list[str]:
+    """'["experts","mlp"]' (a list written as a quoted string, as some pipelines do) -> list.
+
+    Parsed strictly as JSON: anything else starting with "[" is an error, never one name.
+    """
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if not isinstance(parsed, list) or not all(isinstance(v, str) for v in parsed):
+        raise UserError(
+            f"{source}: {key} = {value!r}: expected a list of strings, e.g. [experts, mlp] "
+            'or the JSON string \'["experts","mlp"]\''
+        )
+    return parsed
+
+
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting only lossless cases."""
     origin = get_origin(tp)
@@ -157,7 +183,10 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if origin is list:
         (item_tp,) = get_args(tp) or (Any,)
         if isinstance(value, str) and item_tp is str:
-            return [value]  # a single name where a list is expected is unambiguous
+            if key in _JSON_LIST_KEYS and value.lstrip().startswith("["):
+                value = _json_string_list(value, source, key)
+            else:
+                return [value]  # a single name where a list is expected is unambiguous
         if not isinstance(value, list):
             raise bad
         return [_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value)]

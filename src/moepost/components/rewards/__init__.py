@@ -27,14 +27,9 @@ from numbers import Real
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from moepost.components.rewards.gsm8k import extract_gsm8k_answer, gsm8k
 from moepost.components.rewards.length import length_penalty, overlong_penalty
-from moepost.components.rewards.math import (
-    exact_match,
-    extract_gsm8k_answer,
-    format_reward,
-    gsm8k,
-    math_verify_reward,
-)
+from moepost.components.rewards.math import exact_match, format_reward, math_verify_reward
 from moepost.components.rewards.translation_qe import metricx_reward, xcomet_reward
 from moepost.errors import UserError
 

@@ -1,4 +1,4 @@
-"""Rewards for math answers: GSM8K numbers, math-verify (LaTeX / boxed), exact match, format.
+"""Rewards for math answers: math-verify (LaTeX / boxed), exact match, format (GSM8K: gsm8k.py).
 
 All functions follow TRL's reward calling convention:
 ``fn(prompts, completions, **dataset_columns) -> list[float | None]``, where each dataset column
@@ -12,66 +12,11 @@ import logging
 import re
 import threading
 from collections.abc import Sequence
-from decimal import Decimal, InvalidOperation
-from typing import Any, Literal
+from typing import Any
 
 from moepost.errors import UserError
 
 logger = logging.getLogger("moepost.rewards")
-
-# A GSM8K number: optional sign and dollar sign, digits with optional thousands separators, an
-# optional decimal part. ".5" is accepted as well. A trailing period ("72.") is never consumed
-# because the decimal part needs at least one digit, which is how "72." equals "72".
-_NUMBER = r"[-+]?\$?\s?(?:\d+(?:,\d{3})*(?:\.\d+)?|\.\d+)"
-_NUMBER_RE = re.compile(_NUMBER)
-_STRICT_RE = re.compile(r"####\s*(" + _NUMBER + ")")
-
-GSM8KMethod = Literal["strict", "flexible"]
-
-
-def _normalize_number(raw: str) -> str:
-    """'$1,234.' -> '1234': drop dollar sign, spaces, thousands commas and a trailing period."""
-    text = raw.strip().replace("$", "").replace(",", "").replace(" ", "")
-    return text.rstrip(".")
-
-
-def _to_decimal(text: str | None) -> Decimal | None:
-    if text is None:
-        return None
-    try:
-        return Decimal(_normalize_number(text))
-    except InvalidOperation:
-        return None
-
-
-def extract_gsm8k_answer(text: str, method: GSM8KMethod = "strict") -> str | None:
-    """The answer number in ``text`` as a normalized string ('1234', '-3', '72.0'), or None.
-
-    strict: the number right after the last "####"; flexible: the last number anywhere.
-    """
-    if method == "strict":
-        matches = _STRICT_RE.findall(text)
-    elif method == "flexible":
-        matches = _NUMBER_RE.findall(text)
-    else:
-        raise UserError(f"gsm8k reward: method must be 'strict' or 'flexible', got {method!r}")
-    if not matches:
-        return None
-    return _normalize_number(matches[-1])
-
-
-def _reference_number(answer: str | float | int) -> Decimal:
-    """Reference answers may be '72', '#### 72' or a whole GSM8K solution ending in '#### 72'."""
-    text = str(answer)
-    if "####" in text:
-        text = text.rsplit("####", 1)[1]
-    value = _to_decimal(text)
-    if value is None:
-        numbers = _NUMBER_RE.findall(text)
-        value = _to_decimal(numbers[-1]) if numbers else None
-    if value is None:
-        raise ValueError(f"gsm8k reward: reference answer {str(answer)[-80:]!r} has no number")
-    return value
 
 
 def _column(name: str, values: Sequence[Any] | None, n: int, reward: str) -> Sequence[Any]:
@@ -82,33 +27,6 @@ def _column(name: str, values: Sequence[Any] | None, n: int, reward: str) -> Seq
             f"{reward} reward: column '{name}' has {len(values)} values for {n} completions"
         )
     return values
-
-
-def gsm8k(
-    prompts: Sequence[Any],
-    completions: Sequence[str],
-    answer: Sequence[str] | None = None,
-    method: GSM8KMethod = "strict",
-    correct: float = 1.0,
-    format_score: float = 0.0,
-    **columns: Any,
-) -> list[float]:
-    """GSM8K correctness: ``correct`` if the extracted number equals the reference, else
-    ``format_score`` when a number was extracted but is wrong, else 0.0.
-
-    Numbers are compared as decimals, so "72", "72.0", "72." and "$72" are equal.
-    """
-    answers = _column("answer", answer, len(completions), "gsm8k")
-    rewards: list[float] = []
-    for completion, reference in zip(completions, answers):
-        predicted = _to_decimal(extract_gsm8k_answer(completion, method))
-        if predicted is None:
-            rewards.append(0.0)
-        elif predicted == _reference_number(reference):
-            rewards.append(float(correct))
-        else:
-            rewards.append(float(format_score))
-    return rewards
 
 
 def exact_match(
