@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trl.rewards as trl_rewards  # the `dev` extra installs trl
 import yaml
 from recipe_support import read_log, write_jsonl
 from test_rl_recipe import rl_config
-
-trl_rewards = pytest.importorskip("trl.rewards")  # a dev dependency: present in CI
 
 # Arguments for TRL's factories (functions that build a reward function). Sized for
 # generation.max_new_tokens = 8, so length-based values vary between completions.

@@ -128,5 +128,7 @@ def check_signature(fn: Callable[..., Any], name: str, kwargs: Mapping[str, Any]
         raise UserError(
             f"reward {name!r} cannot be called the way TRL calls reward functions ({exc}); "
             f"it gets keyword arguments only: {', '.join(PROVIDED)} and the data columns "
-            f"{sorted(k for k in kwargs if k not in PROVIDED)}; declare **kwargs for the rest"
+            f"{sorted(k for k in kwargs if k not in PROVIDED)}: name its parameters so (or take "
+            "**kwargs), or, if it is a factory such as TRL's get_soft_overlong_punishment, give "
+            "its arguments as `factory: {...}`"
         ) from None
