@@ -4,6 +4,7 @@ logged `reward/<function>` compared with the function called directly on the log
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import json
 import math
@@ -47,7 +48,13 @@ def prompt_answer(prompts, completions, answer, **kwargs):
         form = 0.5 if isinstance(c, list) and c[0]["role"] == "assistant" else 0.0
         out.append(prompt_len + len(a) + form + 100 * step)
     return out
+
+
+async def async_ids(completion_ids, log_metric, **kwargs):  # TRL also awaits async functions
+    log_metric("batch", float(len(completion_ids)))
+    return [float(sum(ids) % 7) for ids in completion_ids]
 """
+USER_NAMES = ("completions_only", "prompt_answer", "async_ids")
 
 
 def public_trl_rewards() -> dict[str, Any]:
@@ -100,6 +107,7 @@ def reward_specs(user_file: Path, conversational: bool) -> list[dict[str, Any]]:
         specs.append(spec)
     specs.append({"name": f"{user_file}:completions_only", "weight": 1.0})
     specs.append({"name": f"{user_file}:prompt_answer", "weight": 0.0})
+    specs.append({"name": f"{user_file}:async_ids", "weight": 0.0})
     return specs
 
 
@@ -120,7 +128,7 @@ def expected(fn: Any, rows: list[dict[str, Any]], conversational: bool) -> list[
         prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     from transformers import TrainerState
 
-    return fn(
+    result = fn(
         prompts=prompts,
         completions=completions,
         completion_ids=[r["completion_ids"] for r in rows],
@@ -130,6 +138,7 @@ def expected(fn: Any, rows: list[dict[str, Any]], conversational: bool) -> list[
         log_extra=lambda column, values: None,
         log_metric=lambda name, value: None,
     )
+    return asyncio.run(result) if inspect.iscoroutine(result) else result
 
 
 def run_train(cfg: dict[str, Any], tmp_path: Path) -> subprocess.CompletedProcess[str]:
@@ -165,8 +174,7 @@ def test_every_trl_reward_through_moepost_train(
 
     namespace: dict[str, Any] = {}
     exec(USER_REWARDS, namespace)  # the same user functions, called directly
-    functions = {**public_trl_rewards(), **{k: namespace[k] for k in ("completions_only",
-                                                                       "prompt_answer")}}  # fmt: skip
+    functions = {**public_trl_rewards(), **{k: namespace[k] for k in USER_NAMES}}
     log = {r["step"]: r for r in read_log(out) if "loss" in r}
     rollouts = read_log(out, "train_rollouts.jsonl")
     assert sorted(log) == [1, 2] and len(rollouts) == 16
@@ -201,5 +209,6 @@ def test_every_trl_reward_through_moepost_train(
     # The values vary: a constant 0 from a broken call path would not pass the comparisons.
     assert len({r["reward/soft_overlong_punishment_reward"] for r in rollouts}) > 1
     assert any(r["reward/prompt_answer"] >= 100 for r in rollouts)  # step 2 saw global_step 1
+    assert all(row["reward/async_ids/batch"] == 8.0 for row in log.values())  # its log_metric
     assert json.dumps(rollouts[0])  # plain JSON (message lists are not logged)
     assert all(math.isfinite(r["reward"]) for r in rollouts)
