@@ -176,3 +176,15 @@ def test_user_error_inside_a_worker_is_not_swallowed() -> None:
 
     with pytest.raises(UserError, match="needs a 'source' column"):
         score_rewards([RewardFunction("needs", needs)], PROMPTS, COMPLETIONS, timeout_s=1.0)
+
+
+def test_fault_counts_add_up_over_ranks() -> None:
+    from types import SimpleNamespace
+
+    from moepost.recipes.rl import step_reward_metrics
+
+    two_ranks = SimpleNamespace(sum_floats=lambda values: [2 * v for v in values])  # equal ranks
+    fn = RewardFunction("maybe", lambda completions, **k: [None, 0.5, None, 1.0])
+    metrics = step_reward_metrics(score_rewards([fn], PROMPTS, COMPLETIONS), two_ranks)
+    assert metrics["reward/maybe_none"] == 4.0 and metrics["reward/maybe_errors"] == 0.0
+    assert metrics["reward/maybe"] == 0.75  # a mean stays a mean
