@@ -179,12 +179,11 @@ def test_user_error_inside_a_worker_is_not_swallowed() -> None:
 
 
 def test_fault_counts_add_up_over_ranks() -> None:
-    from types import SimpleNamespace
+    def two_equal_ranks(values: list[float]) -> list[float]:
+        return [2 * v for v in values]
 
-    from moepost.recipes.rl import step_reward_metrics
-
-    two_ranks = SimpleNamespace(sum_floats=lambda values: [2 * v for v in values])  # equal ranks
     fn = RewardFunction("maybe", lambda completions, **k: [None, 0.5, None, 1.0])
-    metrics = step_reward_metrics(score_rewards([fn], PROMPTS, COMPLETIONS), two_ranks)
+    scores = score_rewards([fn], PROMPTS, COMPLETIONS)
+    metrics = reward_metrics(scores, sum_counts=two_equal_ranks)
     assert metrics["reward/maybe_none"] == 4.0 and metrics["reward/maybe_errors"] == 0.0
     assert metrics["reward/maybe"] == 0.75  # a mean stays a mean

@@ -32,7 +32,6 @@ from moepost.components.model import load_policy, load_reference, load_tokenizer
 from moepost.components.noise import NoiseInjector
 from moepost.components.rewards import (
     RewardScores,
-    fault_count_keys,
     raise_if_all_none,
     resolve_rewards,
     reward_metrics,
@@ -134,7 +133,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         engine.sync_weights(model)  # vLLM holds its own copy; the HF engine is the model
         state.step += 1
         metrics.update(adv_metrics)
-        metrics.update(step_reward_metrics(scores, dist))
+        metrics.update(reward_metrics(scores, sum_counts=dist.sum_floats))  # counts: summed
         metrics.update(_rollout_metrics(batch, gen_rounds))
         if cfg.noise_injection.enabled:
             metrics["noise/sigma"] = sigma
@@ -166,15 +165,6 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     finish_run(run)
     dist.close()
     return last
-
-
-def step_reward_metrics(scores: RewardScores, dist: DistContext) -> dict[str, float]:
-    """reward_metrics with the fault counts summed over ranks (every rank has the same keys:
-    one set per reward function); dist.mean_metrics then leaves the sums as they are."""
-    metrics = reward_metrics(scores)
-    counts = fault_count_keys(metrics)
-    metrics.update(zip(counts, dist.sum_floats([metrics[k] for k in counts])))
-    return metrics
 
 
 def total_steps(cfg: Config, num_prompts: int) -> int:

@@ -183,11 +183,19 @@ def _mean(values: Sequence[float | None]) -> float | None:
     return sum(kept) / len(kept) if kept else None
 
 
-def reward_metrics(scores: RewardScores) -> dict[str, float]:
+def reward_metrics(
+    scores: RewardScores,
+    *,
+    sum_counts: Callable[[list[float]], list[float]] | None = None,
+) -> dict[str, float]:
     """``reward/mean``, ``reward/std`` (population) of the totals, ``reward/<name>`` means,
     ``reward/none_frac``, the fault counts ``reward/<name>_<kind>`` (kinds: errors, timeouts,
     nonfinite, none; always present) and ``reward/<name>/<metric>`` for what a function gave
-    ``log_metric``. None values are left out of every mean (a mean of nothing is omitted)."""
+    ``log_metric``. None values are left out of every mean (a mean of nothing is omitted).
+
+    sum_counts: e.g. ``DistContext.sum_floats``, to add the counts up over data-parallel ranks
+    (every rank has the same count keys, one set per function; the means are averaged later).
+    """
     metrics: dict[str, float] = {}
     kept = [v for v in scores.total if v is not None]
     if kept:
@@ -205,6 +213,9 @@ def reward_metrics(scores: RewardScores) -> dict[str, float]:
             metrics[f"reward/{name}_{kind}"] = float(faults.get(kind, 0))
     for key, value in scores.metrics.items():
         metrics[f"reward/{key}"] = value
+    if sum_counts is not None:
+        counts = fault_count_keys(metrics)
+        metrics.update(zip(counts, sum_counts([metrics[k] for k in counts])))
     return metrics
 
 
