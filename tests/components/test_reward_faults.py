@@ -187,3 +187,29 @@ def test_fault_counts_add_up_over_ranks() -> None:
     metrics = reward_metrics(scores, sum_counts=two_equal_ranks)
     assert metrics["reward/maybe_none"] == 4.0 and metrics["reward/maybe_errors"] == 0.0
     assert metrics["reward/maybe"] == 0.75  # a mean stays a mean
+
+
+def test_log_extra_stays_aligned_when_samples_raise() -> None:
+    def picky(completions: list[str], log_extra: Any, **kwargs: Any) -> list[float]:
+        log_extra("seen", list(completions))
+        if "bad" in completions:
+            raise ValueError("bad")
+        return [1.0] * len(completions)
+
+    scores = score_rewards([RewardFunction("picky", picky)], PROMPTS, COMPLETIONS)
+    # The failed batch call's log is dropped; failed samples get None in the column.
+    assert scores.extra == {"seen": ["a", None, "c", None]}
+    assert scores.faults["picky"]["errors"] == 2
+
+
+@pytest.mark.parametrize("value", [0, -1.0])
+def test_timeout_must_be_positive_or_null(value: float) -> None:
+    from moepost.config.schema import Config
+    from moepost.config.validate import _check_rl
+
+    cfg = Config()
+    cfg.stage = "rl"
+    cfg.reward.functions = [{"name": "gsm8k"}]
+    cfg.reward.timeout_s = value
+    with pytest.raises(UserError, match=r"reward.timeout_s = .*must be > 0 seconds, or null"):
+        _check_rl(cfg)
