@@ -213,3 +213,14 @@ def test_timeout_must_be_positive_or_null(value: float) -> None:
     cfg.reward.timeout_s = value
     with pytest.raises(UserError, match=r"reward.timeout_s = .*must be > 0 seconds, or null"):
         _check_rl(cfg)
+
+
+def test_an_async_function_raising_timeouterror_is_an_error_not_a_timeout() -> None:
+    async def client(completions: list[str], **kwargs: Any) -> list[float]:
+        if len(completions) > 1:
+            raise TimeoutError("the judge's HTTP call timed out")
+        return [1.0]
+
+    scores = score_rewards([RewardFunction("client", client)], PROMPTS, COMPLETIONS, timeout_s=5)
+    assert scores.per_function["client"] == [1.0] * 4  # retried per sample after the error
+    assert scores.faults["client"]["timeouts"] == 0

@@ -90,8 +90,11 @@ class PendingCall:
             try:
                 self._box["value"] = self._future.result(self._remaining())
             except FutureTimeout:
-                self._future.cancel()
-                return Outcome(timed_out=True)
+                if self._future.done():  # the coroutine's own TimeoutError, not our limit
+                    self._box["error"] = self._future.exception()
+                else:
+                    self._future.cancel()
+                    return Outcome(timed_out=True)
             except BaseException as exc:  # the coroutine's own exception
                 self._box["error"] = exc
         error = self._box.get("error")
