@@ -165,9 +165,10 @@ def _finish_values(values: list[float | None], faults: dict[str, int]) -> list[f
     return out
 
 
-def _start(reward: RewardFunction, batch: _Batch, timeout_s: float | None) -> tuple[
-    PendingCall, CallLog
-]:  # fmt: skip
+def _start(
+    reward: RewardFunction, batch: _Batch, timeout_s: float | None
+) -> tuple[PendingCall, CallLog]:
+    """Check that ``reward`` can take TRL's keywords for ``batch``, then start the call."""
     log = CallLog()
     provided = call_kwargs(
         batch.prompts, batch.completions, batch.completion_ids, batch.columns,
@@ -210,8 +211,9 @@ def _finish(
         return _Result(values, faults, _aligned(log, n, reward.name), log.metrics)
     if isinstance(outcome.error, UserError):
         raise outcome.error
-    logger.debug("reward %r raised on the batch (%r); retrying per sample", reward.name,
-                 outcome.error)  # fmt: skip
+    logger.debug(
+        "reward %r raised on the batch (%r); retrying per sample", reward.name, outcome.error
+    )
     return _per_sample(reward, batch, timeout_s, faults)
 
 
@@ -229,8 +231,10 @@ def _per_sample(
         if outcome.timed_out:  # the rest would likely hang too: stop retrying
             faults["timeouts"] += n - i
             values.extend([None] * (n - i))
-            logger.warning("reward %r ran past reward.timeout_s=%s s on sample %d; it and the "
-                           "%d after it scored None", reward.name, timeout_s, i, n - i - 1)  # fmt: skip
+            logger.warning(
+                "reward %r ran past reward.timeout_s=%s s on sample %d; it and the %d after it "
+                "scored None", reward.name, timeout_s, i, n - i - 1,
+            )  # fmt: skip
             break
         if isinstance(outcome.error, UserError):
             raise outcome.error
@@ -282,9 +286,9 @@ def score_rewards(
     started = {r.name: _start(r, batch, timeout_s) for r in reward_fns if is_async_callable(r.fn)}
     results: dict[str, _Result] = {}
     for reward in reward_fns:
-        if reward.name not in started:
-            results[reward.name] = _finish(reward, *_start(reward, batch, timeout_s), batch,
-                                           timeout_s)  # fmt: skip
+        if reward.name not in started:  # sync: one after another, while the async ones run
+            pending, log = _start(reward, batch, timeout_s)
+            results[reward.name] = _finish(reward, pending, log, batch, timeout_s)
     for reward in reward_fns:
         if reward.name in started:
             results[reward.name] = _finish(reward, *started[reward.name], batch, timeout_s)
