@@ -1,7 +1,8 @@
 """Public reward functions: ``from moepost.rewards import gsm8k``.
 
-Each follows TRL's convention ``fn(prompts, completions, **columns) -> list[float | None]``,
-e.g. ``gsm8k(prompts, completions, answer=answers, method="strict")``.
+Each follows TRL's convention (keyword arguments, one float or None per completion), e.g.
+``gsm8k(prompts=prompts, completions=completions, answer=answers, method="strict")``, so they
+also work as ``reward_funcs`` of TRL's own GRPOTrainer, with string or message-list completions.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from moepost.components.rewards import (
     resolve_reward,
     resolve_rewards,
     reward_metrics,
+    reward_state,
     score_rewards,
     xcomet_reward,
 )
@@ -45,6 +47,7 @@ __all__ = [
     "resolve_reward",
     "resolve_rewards",
     "reward_metrics",
+    "reward_state",
     "score_rewards",
     "xcomet_reward",
 ]

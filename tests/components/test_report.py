@@ -155,3 +155,20 @@ def test_expert_load_alone_draws_the_two_load_figures(tmp_path: Path) -> None:
     write_report(tmp_path)
     made = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert made == ["expert_load_heatmap.png", "load_entropy.png"]
+
+
+def test_reward_fault_counts_get_their_own_figure_only_when_nonzero() -> None:
+    from moepost.tools.report import _summary
+    from moepost.tools.report_figures import plan_figures
+
+    rows = [
+        {"step": s, "reward/mean": 0.5, "reward/f": 0.5, "reward/f_errors": float(s == 2),
+         "reward/f_timeouts": 0.0}
+        for s in (1, 2)
+    ]  # fmt: skip
+    made = [name for name, _ in plan_figures(rows, [])]
+    assert "reward_faults.png" in made and "reward.png" in made
+    summary = [key for key, _, _ in _summary(rows)]
+    assert "reward/f_errors" in summary and "reward/f_timeouts" not in summary
+    quiet = [{**r, "reward/f_errors": 0.0} for r in rows]
+    assert "reward_faults.png" not in [name for name, _ in plan_figures(quiet, [])]

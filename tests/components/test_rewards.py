@@ -206,7 +206,7 @@ def test_user_function_from_file(tmp_path: Path) -> None:
 
 
 def _const(value: float | None) -> RewardFunction:
-    return RewardFunction("const", lambda p, c, **k: [value] * len(c))
+    return RewardFunction("const", lambda completions, **k: [value] * len(completions))
 
 
 def test_weighted_sum_and_metrics() -> None:
@@ -243,7 +243,10 @@ def test_raising_sample_scores_none_and_is_counted(caplog: pytest.LogCaptureFixt
             raise RuntimeError("cannot score bad")
         return [1.0] * len(completions)
 
-    fns = [RewardFunction("picky", picky), RewardFunction("half", lambda p, c, **k: [0.5] * len(c))]
+    fns = [
+        RewardFunction("picky", picky),
+        RewardFunction("half", lambda completions, **k: [0.5] * len(completions)),
+    ]
     with caplog.at_level(logging.WARNING, logger="moepost.rewards"):
         scores = score_rewards(fns, [""] * 3, ["ok", "bad", "ok"], {"answer": ["a", "b", "c"]})
     assert scores.per_function["picky"] == [1.0, None, 1.0]
@@ -256,8 +259,8 @@ def test_raising_sample_scores_none_and_is_counted(caplog: pytest.LogCaptureFixt
 
 
 def test_none_nan_and_zero_weight() -> None:
-    none_fn = RewardFunction("maybe", lambda p, c, **k: [None, 1.0, math.nan])
-    ignored = RewardFunction("ignored", lambda p, c, **k: [None, None, None], weight=0.0)
+    none_fn = RewardFunction("maybe", lambda completions, **k: [None, 1.0, math.nan])
+    ignored = RewardFunction("ignored", lambda completions, **k: [None, None, None], weight=0.0)
     scores = score_rewards([none_fn, ignored], [""] * 3, ["a", "b", "c"])
     # NaN counts as None; a weight-0 function's None does not void the total.
     assert scores.total == [None, 1.0, None]
@@ -268,8 +271,8 @@ def test_all_none_raises_and_bad_return_is_user_error() -> None:
     scores = score_rewards([_const(None)], [""] * 2, ["a", "b"])
     with pytest.raises(UserError, match="all rewards were None for step 7: const: 2/2 None"):
         raise_if_all_none(scores, step=7)
-    wrong_len = RewardFunction("short", lambda p, c, **k: [1.0])
+    wrong_len = RewardFunction("short", lambda completions, **k: [1.0])
     with pytest.raises(UserError, match="returned 1 values for 2 completions"):
         score_rewards([wrong_len], [""] * 2, ["a", "b"])
     with pytest.raises(UserError, match="expected a float or None"):
-        score_rewards([RewardFunction("s", lambda p, c, **k: ["x"])], [""], ["a"])
+        score_rewards([RewardFunction("s", lambda completions, **k: ["x"])], [""], ["a"])

@@ -42,6 +42,13 @@ class PromptExample:
     prompt_text: str  # chat template applied with add_generation_prompt=True
     prompt_ids: list[int]
     columns: dict[str, Any]  # the row's other fields; 'answer' is the reward's reference
+    conversational: bool = False  # prompt given as messages: rewards get messages (TRL's way)
+
+    @property
+    def reward_prompt(self) -> str | Conversation:
+        """The prompt as TRL passes it to reward functions: the messages of conversational
+        data, else the rendered prompt text the model saw."""
+        return self.prompt_messages if self.conversational else self.prompt_text
 
 
 @dataclass
@@ -316,7 +323,7 @@ def prompt_example(
     if len(ids) > max_prompt_length:
         stats["num_dropped_too_long"] += 1
         return None
-    return PromptExample(prompt_messages, text, ids, columns)
+    return PromptExample(prompt_messages, text, ids, columns, rec.conversational)
 
 
 def _prompt_examples(

@@ -58,6 +58,9 @@ class Record:
     text: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
     where: str = ""  # "data.train_file: row 3", for errors found later (tokenization)
+    # The row gave its prompt as messages (TRL's "conversational" data): rewards then get
+    # message lists, as TRL passes them.
+    conversational: bool = False
 
 
 def _shape_list() -> str:
@@ -286,7 +289,11 @@ def normalize_row(
         columns["answer"] = row[cfg.answer_key]
     elif answer is not None and "answer" not in columns:
         columns["answer"] = answer if isinstance(answer, str) else msgs[-1]["content"]
-    return Record(messages=msgs, columns=columns, where=r.where)
+    prompt = row.get(cfg.prompt_key or "prompt")
+    conversational = fmt in ("messages", "sharegpt") or (
+        fmt == "prompt_completion" and isinstance(prompt, list)
+    )
+    return Record(messages=msgs, columns=columns, where=r.where, conversational=conversational)
 
 
 def split_prompt(messages: Conversation) -> tuple[Conversation, str | None]:

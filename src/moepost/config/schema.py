@@ -131,6 +131,9 @@ class RewardConfig:
     functions: list[dict[str, Any]] = field(default_factory=list)
     metricx: dict[str, Any] = field(default_factory=dict)
     xcomet: dict[str, Any] = field(default_factory=dict)
+    # Seconds one reward call may take before its batch scores None (counted as timeouts);
+    # null: no limit (and calls run in the training thread). See docs/rl.md#fault-handling.
+    timeout_s: float | None = 600.0
 
 
 @dataclass

@@ -160,6 +160,10 @@ def _check_rl(cfg: Config) -> None:
         )
     if not cfg.reward.functions and not cfg.reward.metricx and not cfg.reward.xcomet:
         raise UserError("reward.functions is empty: name at least one, e.g. [{name: gsm8k}]")
+    if cfg.reward.timeout_s is not None and not cfg.reward.timeout_s > 0:
+        raise UserError(
+            f"reward.timeout_s = {cfg.reward.timeout_s}: must be > 0 seconds, or null for no limit"
+        )
 
 
 def _check_misc(cfg: Config) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from moepost.components.rewards import score_rewards
+from moepost.components.rewards import FAULT_KINDS, reward_state, score_rewards
 from moepost.components.rollout import RolloutEngine, SamplingParams
 from moepost.config.schema import Config
 
@@ -38,8 +38,10 @@ def evaluate_generation(
     cfg: Config,
     *,
     batch_size: int = 32,
+    step: int = 0,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Metrics (`eval/accuracy`, `eval/reward_mean`, `eval/reward/<name>`) and one row per sample.
+    """Metrics (`eval/accuracy`, `eval/reward_mean`, `eval/reward/<name>`, the fault counts
+    `eval/reward/<name>_<kind>`) and one row per sample.
 
     `eval/accuracy` is the share of samples whose first reward function scored >= 1 (a correct
     answer for gsm8k / math_verify / exact_match); for continuous rewards read reward_mean.
@@ -48,17 +50,28 @@ def evaluate_generation(
     rows: list[dict[str, Any]] = []
     totals: list[float | None] = []
     per_fn: dict[str, list[float | None]] = {r.name: [] for r in reward_fns}
+    faults = {f"eval/reward/{r.name}_{kind}": 0.0 for r in reward_fns for kind in FAULT_KINDS}
+    logged: dict[str, list[float]] = {}  # log_metric values, one mean per chunk
     lengths: list[int] = []
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         batch = engine.generate([ex.prompt_ids for ex in chunk], params)
         columns = _columns(chunk, batch.completion_ids)
-        prompts = [ex.prompt_text for ex in chunk]
-        scores = score_rewards(reward_fns, prompts, batch.completion_texts, columns)
+        prompts = [ex.reward_prompt for ex in chunk]
+        scores = score_rewards(
+            reward_fns, prompts, batch.completion_texts, columns,
+            completion_ids=batch.completion_ids, trainer_state=reward_state(step),
+            timeout_s=cfg.reward.timeout_s,
+        )  # fmt: skip
         totals.extend(scores.total)
         for name, values in scores.per_function.items():
             per_fn[name].extend(values)
+        for name, counts in scores.faults.items():
+            for kind, count in counts.items():
+                faults[f"eval/reward/{name}_{kind}"] += count
+        for key, value in scores.metrics.items():
+            logged.setdefault(f"eval/reward/{key}", []).append(value)
         lengths.extend(len(c) for c in batch.completion_ids)
         for i, ex in enumerate(chunk):
             rows.append(
@@ -68,6 +81,7 @@ def evaluate_generation(
                     "reference": ex.columns.get(cfg.data.answer_key or "answer"),
                     "reward": scores.total[i],
                     **{f"reward/{k}": v[i] for k, v in scores.per_function.items()},
+                    **{f"extra/{k}": v[i] for k, v in scores.extra.items()},
                 }
             )
     kept = [v for v in totals if v is not None]
@@ -82,6 +96,8 @@ def evaluate_generation(
         metrics["eval/accuracy"] = sum(1 for v in first if v is not None and v >= 1.0) / max(
             1, len(first)
         )
+    metrics.update(faults)
+    metrics.update({key: sum(values) / len(values) for key, values in logged.items()})
     for name, values in per_fn.items():
         vals = [v for v in values if v is not None]
         if vals:

@@ -34,6 +34,7 @@ from moepost.components.rewards import (
     raise_if_all_none,
     resolve_rewards,
     reward_metrics,
+    reward_state,
     score_rewards,
 )
 from moepost.components.rewards.length import overlong_penalty
@@ -94,7 +95,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     reference = None
     if cfg.rl.kl_coef:
         reference = load_reference(cfg.model, cfg.misc, device=device, needed=True)
-    total = cfg.train.max_steps or max(1, len(train_set) // cfg.train.prompts_per_step)
+    total = total_steps(cfg, len(train_set))
     train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
     opt = Optimization(model, cfg, total)
     train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
@@ -132,7 +133,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         engine.sync_weights(model)  # vLLM holds its own copy; the HF engine is the model
         state.step += 1
         metrics.update(adv_metrics)
-        metrics.update(reward_metrics(scores))
+        metrics.update(reward_metrics(scores, sum_counts=dist.sum_floats))  # counts: summed
         metrics.update(_rollout_metrics(batch, gen_rounds))
         metrics.update(train_set.metrics())
         if cfg.noise_injection.enabled:
@@ -165,6 +166,11 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     finish_run(run)
     dist.close()
     return last
+
+
+def total_steps(cfg: Config, num_prompts: int) -> int:
+    """Optimizer steps of the run: train.max_steps, else one epoch of the prompts."""
+    return cfg.train.max_steps or max(1, num_prompts // cfg.train.prompts_per_step)
 
 
 def engine_sync_if_noisy(engine: Any, model: torch.nn.Module, sigma: float) -> None:
@@ -216,7 +222,9 @@ def rollout_and_score(
         batch.routes = router.generation_routes(
             holder, prompts, batch, cfg.generation.micro_batch_size
         )
-        scores = score_batch(reward_fns, examples, batch, cfg, state.step)
+        scores = score_batch(
+            reward_fns, examples, batch, cfg, state.step, total_steps(cfg, len(train_set))
+        )
         if not cfg.rl.dynamic_sampling:
             return batch, examples, scores, rounds + 1
         keep = _groups_with_variance(scores.total, cfg.generation.num_samples_per_prompt)
@@ -234,14 +242,25 @@ def rollout_and_score(
 
 
 def score_batch(
-    reward_fns: list[Any], examples: list[Any], batch: RolloutBatch, cfg: Config, step: int
+    reward_fns: list[Any],
+    examples: list[Any],
+    batch: RolloutBatch,
+    cfg: Config,
+    step: int,
+    max_steps: int = 0,
 ) -> RewardScores:
+    """Every reward function on the step's completions, called as TRL calls them."""
     from moepost.recipes.evaluate import _columns
 
     group = batch.group_size
-    prompts = [ex.prompt_text for ex in examples for _ in range(group)]
+    prompts = [ex.reward_prompt for ex in examples for _ in range(group)]
     columns = _columns(examples, batch.completion_ids)
-    scores = score_rewards(reward_fns, prompts, batch.completion_texts, columns)
+    trainer_state = reward_state(step, max_steps, batch_size=cfg.train.prompts_per_step)
+    scores = score_rewards(
+        reward_fns, prompts, batch.completion_texts, columns,
+        completion_ids=batch.completion_ids, trainer_state=trainer_state,
+        timeout_s=cfg.reward.timeout_s,
+    )  # fmt: skip
     raise_if_all_none(scores, step)
     if cfg.rl.overlong_shaping:
         penalty = overlong_penalty(
@@ -250,7 +269,9 @@ def score_batch(
             cfg.rl.overlong_cache_length,
         )
         total = [None if v is None else v + p for v, p in zip(scores.total, penalty)]
-        scores = RewardScores(total, {**scores.per_function, "overlong": penalty}, scores.errors)
+        scores = scores._replace(
+            total=total, per_function={**scores.per_function, "overlong": penalty}
+        )
     return scores
 
 
@@ -283,8 +304,10 @@ def _select_groups(
         logprobs_exact=batch.logprobs_exact,
         routes=pick(batch.routes) if batch.routes is not None else None,
     )
-    sub_scores = RewardScores(
-        pick(scores.total), {k: pick(v) for k, v in scores.per_function.items()}, scores.errors
+    sub_scores = scores._replace(
+        total=pick(scores.total),
+        per_function={k: pick(v) for k, v in scores.per_function.items()},
+        extra={k: pick(v) for k, v in scores.extra.items()},
     )
     return sub, [examples[k] for k in keep], sub_scores
 
@@ -359,9 +382,11 @@ def _log_step(
                     "step": step,
                     "prompt": ex.prompt_text,
                     "completion": text,
+                    "completion_ids": list(batch.completion_ids[i]),
                     "reference": ex.columns.get(cfg.data.answer_key or "answer"),
                     "reward": scores.total[i],
                     **{f"reward/{k}": v[i] for k, v in scores.per_function.items()},
+                    **{f"extra/{k}": v[i] for k, v in scores.extra.items()},
                     "advantage": float(advantages[i]),
                     "finish_reason": batch.finish_reason[i],
                 },
@@ -371,7 +396,7 @@ def _log_step(
 def _evaluate(
     run: Run, engine: Any, examples: list[Any], reward_fns: list[Any], *, step: int
 ) -> dict[str, Any]:
-    metrics, rows = evaluate_generation(engine, examples, reward_fns, run.cfg)
+    metrics, rows = evaluate_generation(engine, examples, reward_fns, run.cfg, step=step)
     row = {"step": step, **metrics}
     run.logger.log(row)
     if run.cfg.logging.save_eval_outputs:

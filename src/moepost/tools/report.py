@@ -30,6 +30,7 @@ _SUMMARY_KEYS = [
     "throughput/tokens_per_s", "time/step_s",
 ]  # fmt: skip
 _MAX_ROLLOUTS, _MAX_EVAL, _MAX_CHARS = 8, 6, 3000
+_FAULT_COUNTS = ("_errors", "_timeouts", "_nonfinite", "_none")
 
 
 def _fmt(v: float | None) -> str:
@@ -42,6 +43,8 @@ def _summary(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     out = []
     for key in [k for k in _SUMMARY_KEYS if k in keys] + match_keys(keys, ["reward/*"]):
         steps, values = series(rows, key)
+        if key.endswith(_FAULT_COUNTS) and not any(values):  # reward fault counts, all 0
+            continue
         if key not in [o[0] for o in out] and steps:
             out.append((key, _fmt(values[-1]), _fmt(steps[-1])))
     for key in match_keys(keys, ["eval/*"]):

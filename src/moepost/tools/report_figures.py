@@ -17,6 +17,17 @@ from moepost.tools.run_log import as_float, match_keys, numeric_keys, series
 # figure that matches it; reward, eval and the two expert-load figures have their own drawing.
 _CURVES: list[tuple[str, str, str, list[str]]] = [
     ("loss.png", "Training loss", "loss", ["loss"]),
+    # Before reward.png, so that the per-function fault counts get their own axis.
+    (
+        "reward_faults.png",
+        "Completions a reward function could not score",
+        "completions",
+        [
+            f"{g}reward/*_{kind}"
+            for g in ("", "eval/")
+            for kind in ("errors", "timeouts", "nonfinite", "none")
+        ],
+    ),
     ("reward.png", "Reward", "reward", ["reward/*"]),
     ("kl.png", "KL divergence", "KL", ["kl", "approx_kl"]),
     ("entropy.png", "Policy entropy", "entropy (nats / token)", ["entropy"]),
@@ -198,6 +209,8 @@ def plan_figures(
     for name, title, ylabel, patterns in _CURVES:
         chosen = [k for k in match_keys(keys, patterns) if k not in used]
         used.update(chosen)
+        if name == "reward_faults.png":  # counts that stayed 0 throughout are not drawn
+            chosen = [k for k in chosen if any(series(rows, k)[1])]
         if name == "expert_load_heatmap.png":
             if good := [r for r in load_rows if _load_matrix(r) is not None]:
                 jobs.append((name, partial(_heatmap_figure, good)))

@@ -1,15 +1,19 @@
 """Reward functions: the builtins, user functions from ``module:function``, and their weighted sum.
 
-Every reward follows TRL's convention ``fn(prompts, completions, **columns) -> list[float | None]``
-where each dataset column is a list aligned with ``completions``. None means "cannot score this
-sample"; a sample with a None from any function of non-zero weight gets a None total, and the RL
-recipe drops it. When every total of a step is None the recipe stops: it calls
-:func:`raise_if_all_none`.
+Every reward is called as TRL's GRPOTrainer calls it (see :mod:`.convention`): keywords only,
+``fn(prompts=, completions=, completion_ids=, <data columns>=, trainer_state=, log_extra=,
+log_metric=) -> list[float | None]``, with message-list completions when the prompts are
+conversational. None means "cannot score this sample"; a sample with a None from any function of
+non-zero weight gets a None total, and the RL recipe drops it. When every total of a step is None
+the recipe stops: it calls :func:`raise_if_all_none`. What a failing function leads to is listed
+in :mod:`.scoring`.
 
 A reward is named in the config as ``{name: gsm8k, method: strict, weight: 1.0}``: ``name`` is a
 key of BUILTIN_REWARDS, ``"my_pkg.rewards:fn"`` or ``"path/to/file.py:fn"``; ``weight`` (default
-1.0) scales it in the sum; every other key is passed to the function as a keyword argument and
-wins over a dataset column of the same name.
+1.0) scales it in the sum; ``factory: {...}`` means ``name`` is a factory (TRL's
+``get_soft_overlong_punishment``, a class) called once with those arguments to make the
+function; every other key is passed to the function as a keyword argument and wins over a
+dataset column of the same name.
 """
 
 from __future__ import annotations
@@ -21,15 +25,20 @@ import inspect
 import logging
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from math import isfinite, sqrt
-from numbers import Real
+from math import sqrt
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
+from moepost.components.rewards.convention import PROVIDED, reward_state
 from moepost.components.rewards.gsm8k import extract_gsm8k_answer, gsm8k
 from moepost.components.rewards.length import length_penalty, overlong_penalty
 from moepost.components.rewards.math import exact_match, format_reward, math_verify_reward
+from moepost.components.rewards.scoring import (
+    FAULT_KINDS,
+    RewardFunction,
+    RewardScores,
+    score_rewards,
+)
 from moepost.components.rewards.translation_qe import metricx_reward, xcomet_reward
 from moepost.errors import UserError
 
@@ -48,27 +57,12 @@ BUILTIN_REWARDS: dict[str, Callable[..., list[Any]]] = {
 }
 
 
-@dataclass
-class RewardFunction:
-    """A resolved reward: ``fn`` with its config keyword arguments, a log name and a weight."""
-
-    name: str
-    fn: Callable[..., Sequence[float | None]]
-    weight: float = 1.0
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    # None: fn takes **kwargs, so it gets every column; else only the columns it names.
-    accepted: frozenset[str] | None = None
-
-    def __call__(
-        self, prompts: Sequence[Any], completions: Sequence[str], **columns: Any
-    ) -> Sequence[float | None]:
-        if self.accepted is not None:
-            columns = {k: v for k, v in columns.items() if k in self.accepted}
-        return self.fn(prompts, completions, **{**columns, **self.kwargs})
-
-
 def _named_params(fn: Callable[..., Any]) -> tuple[frozenset[str], bool]:
-    params = inspect.signature(fn).parameters.values()
+    """The keyword names ``fn`` takes, and whether it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: pass it everything
+        return frozenset(), True
     names = frozenset(p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
     return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
@@ -104,6 +98,20 @@ def _load_user_function(name: str, base_dir: Path | None) -> Callable[..., Any]:
     return fn
 
 
+def _from_factory(name: str, factory: Callable[..., Any], args: Any) -> Callable[..., Any]:
+    if not isinstance(args, Mapping):
+        raise UserError(f"reward {name!r}: factory must be a mapping of arguments, got {args!r}")
+    try:
+        fn = factory(**args)
+    except Exception as exc:
+        raise UserError(f"reward {name!r}: factory({dict(args)}) failed: {exc}") from exc
+    if not callable(fn):
+        raise UserError(
+            f"reward {name!r}: the factory returned {type(fn).__name__}, not a function"
+        )
+    return fn
+
+
 def resolve_reward(
     spec: Mapping[str, Any], *, base_dir: str | Path | None = None
 ) -> RewardFunction:
@@ -115,12 +123,15 @@ def resolve_reward(
     weight = spec.get("weight", 1.0)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise UserError(f"reward {name!r}: weight must be a number, got {weight!r}")
-    kwargs = {k: v for k, v in spec.items() if k not in ("name", "weight")}
+    kwargs = {k: v for k, v in spec.items() if k not in ("name", "weight", "factory")}
+    for key in kwargs:
+        if key in PROVIDED:
+            raise UserError(f"reward {name!r}: key {key!r} is an argument moepost passes itself")
     if name in BUILTIN_REWARDS:
         fn = BUILTIN_REWARDS[name]
         names, _ = _named_params(fn)
         valid = sorted(names - {"prompts", "completions"})
-        for key in kwargs:
+        for key in list(kwargs) + (["factory"] if "factory" in spec else []):
             if key not in names:
                 raise UserError(f"reward {name!r}: unknown key {key!r}; valid keys: {valid}")
         return RewardFunction(name, fn, float(weight), kwargs)
@@ -130,9 +141,13 @@ def resolve_reward(
             f"'module:function' / 'path/to/file.py:function'"
         )
     fn = _load_user_function(name, Path(base_dir) if base_dir is not None else None)
+    log_name = name.rpartition(":")[2]
+    if "factory" in spec:
+        fn = _from_factory(name, fn, spec["factory"])
+        log_name = str(getattr(fn, "__name__", log_name))  # TRL logs a reward by its __name__
     names, takes_kwargs = _named_params(fn)
     accepted = None if takes_kwargs else names
-    return RewardFunction(name.rpartition(":")[2], fn, float(weight), kwargs, accepted)
+    return RewardFunction(log_name, fn, float(weight), kwargs, accepted)
 
 
 def resolve_rewards(
@@ -158,106 +173,24 @@ def resolve_rewards(
     return resolved
 
 
-class RewardScores(NamedTuple):
-    """Weighted totals, each function's values, and per-function counts of raising samples."""
-
-    total: list[float | None]
-    per_function: dict[str, list[float | None]]
-    errors: dict[str, int]
-
-
-def _checked(values: Any, n: int, name: str) -> list[float | None]:
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        raise UserError(f"reward {name!r} returned {type(values).__name__}, expected a list")
-    if len(values) != n:
-        raise UserError(f"reward {name!r} returned {len(values)} values for {n} completions")
-    out: list[float | None] = []
-    for value in values:
-        if value is not None and not isinstance(value, Real):
-            raise UserError(f"reward {name!r} returned {value!r}; expected a float or None")
-        # A NaN or inf would poison the group's advantages: treat it as "cannot score".
-        out.append(None if value is None or not isfinite(value) else float(value))
-    return out
-
-
-def _sample_columns(columns: Mapping[str, Any], i: int, n: int) -> dict[str, Any]:
-    return {
-        k: v[i : i + 1] if isinstance(v, Sequence) and not isinstance(v, str) and len(v) == n else v
-        for k, v in columns.items()
-    }
-
-
-def _score_function(
-    reward: RewardFunction,
-    prompts: Sequence[Any],
-    completions: Sequence[str],
-    columns: Mapping[str, Any],
-) -> tuple[list[float | None], int]:
-    n = len(completions)
-    try:
-        return _checked(reward(prompts, completions, **columns), n, reward.name), 0
-    except UserError:
-        raise
-    except Exception as exc:
-        logger.debug("reward %r raised on the batch (%r); retrying per sample", reward.name, exc)
-    values: list[float | None] = []
-    failed: list[tuple[int, Exception]] = []
-    for i in range(n):
-        try:
-            one = reward(
-                prompts[i : i + 1], completions[i : i + 1], **_sample_columns(columns, i, n)
-            )
-            values.append(_checked(one, 1, reward.name)[0])
-        except UserError:
-            raise
-        except Exception as exc:
-            values.append(None)
-            failed.append((i, exc))
-    if failed:
-        index, exc = failed[0]
-        logger.warning(
-            "reward %r raised on %d of %d samples, scored None; first: sample %d: %s: %s",
-            reward.name, len(failed), n, index, type(exc).__name__, exc,
-        )  # fmt: skip
-    return values, len(failed)
-
-
-def score_rewards(
-    reward_fns: Sequence[RewardFunction],
-    prompts: Sequence[Any],
-    completions: Sequence[str],
-    columns: Mapping[str, Any] | None = None,
-) -> RewardScores:
-    """Score a batch with every function and sum with the weights.
-
-    A function that raises on the batch is retried sample by sample; a sample whose call raises
-    scores None and counts in ``errors``. UserError (bad config) is never swallowed.
-    """
-    columns = columns or {}
-    per_function: dict[str, list[float | None]] = {}
-    errors: dict[str, int] = {}
-    for reward in reward_fns:
-        per_function[reward.name], errors[reward.name] = _score_function(
-            reward, prompts, completions, columns
-        )
-    total: list[float | None] = []
-    for i in range(len(completions)):
-        terms = [(r.weight, per_function[r.name][i]) for r in reward_fns if r.weight != 0]
-        if any(value is None for _, value in terms):
-            total.append(None)
-        else:
-            total.append(sum(w * v for w, v in terms))  # type: ignore[operator]
-    return RewardScores(total, per_function, errors)
-
-
 def _mean(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None
 
 
-def reward_metrics(scores: RewardScores) -> dict[str, float]:
-    """``reward/mean``, ``reward/std`` (population) of the totals, ``reward/<name>`` means and
-    ``reward/none_frac``; None values are left out of every mean (a mean of nothing is omitted)."""
+def reward_metrics(
+    scores: RewardScores,
+    *,
+    sum_counts: Callable[[list[float]], list[float]] | None = None,
+) -> dict[str, float]:
+    """``reward/mean``, ``reward/std`` (population) of the totals, ``reward/<name>`` means,
+    ``reward/none_frac``, the fault counts ``reward/<name>_<kind>`` (kinds: errors, timeouts,
+    nonfinite, none; always present) and ``reward/<name>/<metric>`` for what a function gave
+    ``log_metric``. None values are left out of every mean (a mean of nothing is omitted).
+
+    sum_counts: e.g. ``DistContext.sum_floats``, to add the counts up over data-parallel ranks
+    (every rank has the same count keys, one set per function; the means are averaged later).
+    """
     metrics: dict[str, float] = {}
     kept = [v for v in scores.total if v is not None]
     if kept:
@@ -270,7 +203,22 @@ def reward_metrics(scores: RewardScores) -> dict[str, float]:
         value = _mean(values)
         if value is not None:
             metrics[f"reward/{name}"] = value
+    for name, faults in scores.faults.items():
+        for kind in FAULT_KINDS:
+            metrics[f"reward/{name}_{kind}"] = float(faults.get(kind, 0))
+    for key, value in scores.metrics.items():
+        metrics[f"reward/{key}"] = value
+    if sum_counts is not None:
+        counts = fault_count_keys(metrics)
+        metrics.update(zip(counts, sum_counts([metrics[k] for k in counts])))
     return metrics
+
+
+def fault_count_keys(metrics: Mapping[str, Any]) -> list[str]:
+    """The ``reward/<name>_<kind>`` count keys of ``reward_metrics`` (summed, not averaged,
+    over data-parallel ranks)."""
+    suffixes = tuple(f"_{kind}" for kind in FAULT_KINDS)
+    return sorted(k for k in metrics if k.startswith("reward/") and k.endswith(suffixes))
 
 
 def raise_if_all_none(scores: RewardScores, step: int) -> None:
@@ -278,19 +226,26 @@ def raise_if_all_none(scores: RewardScores, step: int) -> None:
     if not scores.total or any(v is not None for v in scores.total):
         return
     n = len(scores.total)
-    detail = "; ".join(
-        f"{name}: {sum(v is None for v in values)}/{n} None, {scores.errors[name]} raised"
-        for name, values in scores.per_function.items()
-    )
+
+    def why(name: str) -> str:
+        faults = scores.faults.get(name, {})
+        counts = [f"{faults[k]} {k}" for k in FAULT_KINDS if faults.get(k) and k != "none"]
+        return f"{name}: {sum(v is None for v in scores.per_function[name])}/{n} None" + (
+            f" ({', '.join(counts)})" if counts else ""
+        )
+
+    detail = "; ".join(why(name) for name in scores.per_function)
     raise UserError(f"all rewards were None for step {step}: {detail} (see logger moepost.rewards)")
 
 
 __all__ = [
     "BUILTIN_REWARDS",
+    "FAULT_KINDS",
     "RewardFunction",
     "RewardScores",
     "exact_match",
     "extract_gsm8k_answer",
+    "fault_count_keys",
     "format_reward",
     "gsm8k",
     "length_penalty",
@@ -300,6 +255,7 @@ __all__ = [
     "raise_if_all_none",
     "resolve_reward",
     "resolve_rewards",
+    "reward_state",
     "reward_metrics",
     "score_rewards",
     "xcomet_reward",

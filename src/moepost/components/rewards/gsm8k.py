@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any, Literal
 
+from moepost.components.rewards.convention import texts
 from moepost.components.rewards.math import _column
 from moepost.errors import UserError
 
@@ -144,5 +145,5 @@ def gsm8k(
     answers = _column("answer", answer, len(completions), "gsm8k")
     return [
         _score_one(c, ref, method, float(correct), float(format_score))
-        for c, ref in zip(completions, answers)
+        for c, ref in zip(texts(completions), answers)
     ]

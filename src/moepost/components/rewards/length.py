@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from moepost.components.rewards.convention import texts
 from moepost.errors import UserError
 
 
@@ -68,7 +69,7 @@ def length_penalty(
                 "length_penalty needs the 'completion_lengths' column (tokens, given by the RL "
                 "recipe); set fallback_to_chars: true to measure characters instead"
             )
-        completion_lengths = [len(c) for c in completions]
+        completion_lengths = [len(c) for c in texts(completions)]
     if len(completion_lengths) != len(completions):
         raise UserError(
             f"length_penalty: {len(completion_lengths)} completion_lengths for "

@@ -1,9 +1,10 @@
 """Rewards for math answers: math-verify (LaTeX / boxed), exact match, format (GSM8K: gsm8k.py).
 
 All functions follow TRL's reward calling convention:
-``fn(prompts, completions, **dataset_columns) -> list[float | None]``, where each dataset column
-is a list aligned with ``completions`` (e.g. ``answer=[...]``). Extra columns are accepted and
-ignored, so one call can pass every column of the batch.
+``fn(prompts=..., completions=..., **dataset_columns) -> list[float | None]``, where each dataset
+column is a list aligned with ``completions`` (e.g. ``answer=[...]``). Completions may be strings
+or TRL's conversational form (a list of messages; their contents are scored). Extra keywords are
+accepted and ignored, so one call can pass every column of the batch.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+from moepost.components.rewards.convention import texts
 from moepost.errors import UserError
 
 logger = logging.getLogger("moepost.rewards")
@@ -38,6 +40,7 @@ def exact_match(
 ) -> list[float]:
     """1.0 when the completion equals the reference answer (both stripped if ``strip``)."""
     answers = _column("answer", answer, len(completions), "exact_match")
+    completions = texts(completions)
     rewards = []
     for completion, reference in zip(completions, answers):
         a, b = str(completion), str(reference)
@@ -65,7 +68,7 @@ def format_reward(
         compiled = re.compile(pattern, re.DOTALL)
     except re.error as exc:
         raise UserError(f"format reward: invalid regular expression {pattern!r}: {exc}") from exc
-    return [1.0 if compiled.search(c) else 0.0 for c in completions]
+    return [1.0 if compiled.search(c) else 0.0 for c in texts(completions)]
 
 
 class _DropTimeoutWarning(logging.Filter):
@@ -136,6 +139,7 @@ def math_verify_reward(
     """1.0 when math-verify finds the completion's answer equal to the reference (LaTeX, boxed,
     fractions: "\\boxed{1/2}" equals "0.5"), 0.0 otherwise, None when a sample times out."""
     answers = _column("answer", answer, len(completions), "math_verify")
+    completions = texts(completions)
     _import_math_verify()  # fail early with the install hint, not once per sample
     rewards = [_run_with_timeout(c, a, timeout_s) for c, a in zip(completions, answers)]
     timed_out = sum(r is None for r in rewards)

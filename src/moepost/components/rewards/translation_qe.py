@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from moepost.components.prompting import apply_prompt_template, postprocess_translation
+from moepost.components.rewards.convention import texts as completion_texts
 from moepost.errors import UserError
 
 METRICX_MAX_SCORE = 25.0
@@ -328,7 +329,9 @@ def _translation_inputs(
             raise UserError(f"{kind} reward: column '{key}' is not aligned with the completions")
         return values
 
-    hypotheses = [postprocess_translation(c) if postprocess else c for c in completions]
+    hypotheses = [
+        postprocess_translation(c) if postprocess else c for c in completion_texts(completions)
+    ]
     references = column(reference_key) if use_reference else None
     return column(source_key), hypotheses, references
 
