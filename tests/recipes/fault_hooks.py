@@ -10,6 +10,7 @@ Environment variables (steps are 1-based optimizer steps; `k`, `k1,k2` or `k+`):
 - MOEPOST_INJECT_NAN_GRAD_AT_STEP: a NaN in one element of the first gradient.
 - MOEPOST_INJECT_GRAD_SPIKE_AT_STEP: every gradient x MOEPOST_GRAD_SPIKE_SCALE (1000).
 - MOEPOST_CRASH_AFTER_STEP=k: `os._exit(17)` after step k's work (its checkpoint included).
+- MOEPOST_STEP_DELAY_S=s: sleep s seconds at the end of every step (a window to signal in).
 - MOEPOST_KILL_DURING_SAVE=point@k: SIGKILL at `point` of the write of checkpoint-k, one of
   KILL_POINTS.
 - MOEPOST_SAVE_DELAY_S=s: sleep s seconds at each of those points of every checkpoint write
@@ -95,15 +96,19 @@ def install_gradient_faults(monkeypatch: Any = None) -> None:
     set_(GradientPipeline, "__call__", call)
 
 
-def install_crash_after_step(monkeypatch: Any = None) -> None:
-    """MOEPOST_CRASH_AFTER_STEP=k: die like a preempted job (no cleanup) after step k."""
+def install_step_hooks(monkeypatch: Any = None) -> None:
+    """At the end of each step, before the SIGTERM / SIGINT check: sleep MOEPOST_STEP_DELAY_S
+    (a window for a test to signal in), and after it MOEPOST_CRASH_AFTER_STEP=k dies like a
+    preempted job (no cleanup) after step k's work, its checkpoint included."""
     from moepost.recipes import rl, sft
 
     set_ = _Setter(monkeypatch)
+    delay = float(os.environ.get("MOEPOST_STEP_DELAY_S", "0"))
     for module in (sft, rl):
         original = module.stop_if_signalled
 
         def after_step(run: Any, model: Any, tok: Any, opt: Any, state: Any, _o=original) -> None:
+            time.sleep(delay)
             _o(run, model, tok, opt, state)
             if str(state.step) == os.environ.get("MOEPOST_CRASH_AFTER_STEP"):
                 os._exit(17)
@@ -206,7 +211,7 @@ def install_from_env() -> None:
         "MOEPOST_INJECT_GRAD_SPIKE_AT_STEP"
     ):
         install_gradient_faults()
-    if os.environ.get("MOEPOST_CRASH_AFTER_STEP"):
-        install_crash_after_step()
+    if os.environ.get("MOEPOST_CRASH_AFTER_STEP") or os.environ.get("MOEPOST_STEP_DELAY_S"):
+        install_step_hooks()
     if os.environ.get("MOEPOST_KILL_DURING_SAVE") or os.environ.get("MOEPOST_SAVE_DELAY_S"):
         install_save_faults()

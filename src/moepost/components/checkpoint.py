@@ -193,19 +193,35 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
         with torch.serialization.safe_globals(_LEGACY_NUMPY):
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [x.strip() for x in str(e).splitlines() if "Unsupported global" in x]
-        why = lines[0].split(" was not")[0].replace("WeightsUnpickler error: ", "") if lines else ""
-        raise UserError(
-            f"{path}: refused to load: it holds Python objects other than tensors and plain "
-            f"data ({why or str(e).splitlines()[0]}); moepost checkpoints never do - do not "
-            "resume from a file you do not trust"
-        ) from None
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise UserError(
+                f"{path}: refused to load: it holds Python objects other than tensors and "
+                f"plain data ({', '.join(unsafe[:3])}); moepost checkpoints never do, so the "
+                "file is not one or was tampered with - do not resume from a file you do not trust"
+            ) from None
+        raise UserError(f"{path}: unreadable trainer state ({_unpickler_detail(str(e))})") from None
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: unreadable trainer state ({first})") from None
     if not isinstance(blob, dict) or not {"train", "optim", "rng"} <= set(blob):
         raise UserError(f"{path}: not a moepost trainer state (expected train/optim/rng)")
     return blob
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The code a torch file would import (`module.name`), read without running anything."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch zip file at all: nothing to name
+        return []
+
+
+def _unpickler_detail(message: str) -> str:
+    """The reason inside torch's long weights_only error."""
+    lines = [x.strip() for x in message.splitlines() if x.strip()]
+    reasons = [x for x in lines if "nsupported" in x and not x.startswith("Please file")]
+    return reasons[0] if reasons else (lines[0] if lines else "not a torch file")
 
 
 def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
