@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from moepost.components import checkpoint_files as cf
 from moepost.errors import UserError
 
 
-def _write(files: dict[str, bytes]):  # noqa: ANN202 - a write callback
+def _write(files: dict[str, bytes]) -> Callable[[Path], None]:
     def write(tmp: Path) -> None:
         for name, data in files.items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
