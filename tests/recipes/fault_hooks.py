@@ -11,6 +11,8 @@ Environment variables (steps are 1-based optimizer steps; `k`, `k1,k2` or `k+`):
 - MOEPOST_INJECT_GRAD_SPIKE_AT_STEP: every gradient x MOEPOST_GRAD_SPIKE_SCALE (1000).
 - MOEPOST_CRASH_AFTER_STEP=k: `os._exit(17)` after step k's work (its checkpoint included).
 - MOEPOST_STEP_DELAY_S=s: sleep s seconds at the end of every step (a window to signal in).
+- MOEPOST_LOAD_DELAY_S=s: sleep s seconds before the policy model is loaded (a window to
+  signal in before the training loop starts).
 - MOEPOST_KILL_DURING_SAVE=point@k: SIGKILL at `point` of the write of checkpoint-k, one of
   KILL_POINTS.
 - MOEPOST_SAVE_DELAY_S=s: sleep s seconds at each of those points of every checkpoint write
@@ -205,6 +207,21 @@ def install_save_faults(monkeypatch: Any = None) -> None:
     set_(checkpoint, "remove_dir", remove_dir)
 
 
+def install_load_delay(monkeypatch: Any = None) -> None:
+    """MOEPOST_LOAD_DELAY_S: a slow model load (both recipes)."""
+    from moepost.recipes import rl, sft
+
+    set_ = _Setter(monkeypatch)
+    delay = float(os.environ.get("MOEPOST_LOAD_DELAY_S", "0"))
+    for module in (sft, rl):
+
+        def load_policy(*args: Any, _o=module.load_policy, **kwargs: Any) -> Any:
+            time.sleep(delay)
+            return _o(*args, **kwargs)
+
+        set_(module, "load_policy", load_policy)
+
+
 def install_from_env() -> None:
     """Every hook whose environment variable is set (fault_driver.py)."""
     if os.environ.get("MOEPOST_INJECT_NAN_GRAD_AT_STEP") or os.environ.get(
@@ -213,5 +230,7 @@ def install_from_env() -> None:
         install_gradient_faults()
     if os.environ.get("MOEPOST_CRASH_AFTER_STEP") or os.environ.get("MOEPOST_STEP_DELAY_S"):
         install_step_hooks()
+    if os.environ.get("MOEPOST_LOAD_DELAY_S"):
+        install_load_delay()
     if os.environ.get("MOEPOST_KILL_DURING_SAVE") or os.environ.get("MOEPOST_SAVE_DELAY_S"):
         install_save_faults()

@@ -248,3 +248,21 @@ def test_disk_full_is_a_clear_error_and_the_previous_checkpoint_is_intact(
     assert sorted(p.name for p in run.iterdir() if p.name.startswith((".", "checkpoint"))) == [
         "checkpoint-2"
     ]
+
+
+def test_disk_full_while_logging_is_a_clear_error(
+    tiny_model: Path, tmp_path: Path, small_disk: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The tmpfs filled up to its last few pages: the logs run out of room mid-run."""
+    run = small_disk / "run"
+    run.mkdir()
+    filler = small_disk / "filler"
+    free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+    filler.write_bytes(b"\0" * (free - 3 * 4096))
+    config = drill_config("sft", tiny_model, tmp_path, run, max_steps=40, save_every=0)
+    code, _, err = _run(capsys, ["train", str(config), "logging.save_final=false"])
+    line = _one_line_error(code, err, "disk full while appending to", "--resume auto")
+    name = line.split("appending to ")[1].split(":")[0]
+    assert Path(name).parent == run
+    rows = [x for x in Path(name).read_text().splitlines()]
+    assert rows and all(x.startswith("{") and x.endswith("}") for x in rows[:-1])

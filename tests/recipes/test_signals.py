@@ -101,3 +101,22 @@ def test_no_save_on_signal(tiny_model: Path, tmp_path: Path) -> None:
         in output
     )
     assert not any(run.glob("checkpoint-*")) and not (run / "final").exists()
+
+
+def test_signal_while_loading_stops_at_once(tiny_model: Path, tmp_path: Path) -> None:
+    """Before the training loop there is nothing to save: SIGTERM during the (slowed) model load
+    ends the run at once, with the exit code and a line that says so."""
+    run = tmp_path / "run"
+    config = drill_config("sft", tiny_model, tmp_path, run, max_steps=6)
+    log = tmp_path / "out.txt"
+    proc = launch(["train", str(config)], log, {"MOEPOST_LOAD_DELAY_S": "30"})
+    wait_for(lambda: "data: " in log.read_text(), proc)  # printed just before the model load
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert time.monotonic() - sent < 20  # not after the 30 s load
+    output = log.read_text()
+    assert "SIGTERM (before training started): exiting now" in output
+    assert "moepost: stopped by SIGTERM before training started" in output
+    assert "Traceback" not in output
+    assert sorted(p.name for p in run.iterdir()) == ["resolved_config.yaml"]
