@@ -281,7 +281,7 @@ def stop_if_signalled(
         run.dist.close()
     raise signals.Stopped(
         signum,
-        f"stopped by {signals._name(signum)} after step {state.step}{why}; {where}; "
+        f"stopped by {signals.signal_name(signum)} after step {state.step}{why}; {where}; "
         "continue with --resume auto",
     )
 

@@ -41,21 +41,21 @@ class _State:
 _state = _State()
 
 
-def _name(signum: int) -> str:
+def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
 def _handle(signum: int, _frame: FrameType | None) -> None:
     if _state.received is not None or not _state.deferred:
         when = "second signal" if _state.received is not None else "before training started"
-        print(f"moepost: {_name(signum)} ({when}): exiting now", file=sys.stderr, flush=True)
+        print(f"moepost: {signal_name(signum)} ({when}): exiting now", file=sys.stderr, flush=True)
         if _state.received is None:
             _state.received = signum
-            raise Stopped(signum, f"stopped by {_name(signum)} before training started")
+            raise Stopped(signum, f"stopped by {signal_name(signum)} before training started")
         os._exit(128 + signum)
     _state.received = signum
     print(
-        f"moepost: {_name(signum)}: finishing the current step, then stopping "
+        f"moepost: {signal_name(signum)}: finishing the current step, then stopping "
         "(send it again to exit at once)",
         file=sys.stderr,
         flush=True,
