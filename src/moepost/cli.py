@@ -1,11 +1,13 @@
 """The `moepost` command (also `python -m moepost`).
 
-Bad input (`UserError`) is printed as one line on stderr with exit code 2, no traceback.
+Bad input (`UserError`, a full disk too) is printed as one line on stderr with exit code 2, no
+traceback. A training run stopped by SIGTERM / SIGINT exits with 143 / 130 (docs/outputs.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from collections.abc import Callable
@@ -30,6 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--resume", default=None, help="auto (newest complete checkpoint) or a path")
     p.add_argument("--eval-only", action="store_true", help="evaluate only, no optimizer")
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though config keys changed since the checkpoint (they are listed)",
+    )
 
     p = sub.add_parser("eval", help="evaluate only (same as train --eval-only)")
     _add_config_args(p)
@@ -75,17 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train(args: argparse.Namespace) -> int:
     from moepost.config.load import load_config
+    from moepost.recipes.signals import handle_stop_signals
 
     cfg = load_config(args.config, args.overrides)
     eval_only = getattr(args, "eval_only", False) or args.command == "eval"
-    if cfg.stage == "sft":
-        from moepost.recipes.sft import run_sft
+    kwargs = {
+        "resume": getattr(args, "resume", None),
+        "eval_only": eval_only,
+        "allow_config_change": getattr(args, "allow_config_change", False),
+    }
+    with handle_stop_signals():
+        if cfg.stage == "sft":
+            from moepost.recipes.sft import run_sft
 
-        run_sft(cfg, resume=getattr(args, "resume", None), eval_only=eval_only)
-    else:
-        from moepost.recipes.rl import run_rl
+            run_sft(cfg, **kwargs)
+        else:
+            from moepost.recipes.rl import run_rl
 
-        run_rl(cfg, resume=getattr(args, "resume", None), eval_only=eval_only)
+            run_rl(cfg, **kwargs)
     return 0
 
 
@@ -220,14 +234,24 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from moepost.recipes.signals import Stopped
+
     try:
         return COMMANDS[args.command](args)
     except UserError as e:
         print(f"moepost: error: {e}", file=sys.stderr)
         return 2
+    except Stopped as e:
+        print(f"moepost: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("moepost: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"moepost: error: disk full writing {e.filename or 'a file'} ({e})", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

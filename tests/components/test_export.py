@@ -35,6 +35,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.Tenso
                     param.normal_(0.0, 0.1)
         model.save_pretrained(run / f"checkpoint-{step}")
         (run / f"checkpoint-{step}" / "trainer_state.pt").write_bytes(b"optimizer and rng")
+        (run / f"checkpoint-{step}" / "manifest.json").write_text('{"files": {}}')
     with torch.no_grad():
         logits = model(input_ids=INPUT_IDS).logits
         # The perturbation must matter, or equality below would prove nothing.
@@ -77,6 +78,7 @@ def test_adapter_export_copies_adapter_without_state(
     out = export_model(run / "checkpoint-10", tmp_path / "adapter", merge_lora=False)
     assert (out / "adapter_config.json").is_file()
     assert not (out / "trainer_state.pt").exists()
+    assert not (out / "manifest.json").exists()
     base = AutoModelForCausalLM.from_pretrained(run.parent / "base")
     reloaded = PeftModel.from_pretrained(base, str(out))
     with torch.no_grad():

@@ -140,9 +140,14 @@ def test_global_aux_scope_makes_accumulation_exact_with_aux_on(
         torch.testing.assert_close(w1[key], w2[key], rtol=1e-4, atol=1e-5)
 
 
+FAULT_DRIVER = str(Path(__file__).parent / "fault_driver.py")
+
+
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
+    """`moepost ARGS` in a subprocess; with `env`, through the fault-hook driver."""
+    entry = [FAULT_DRIVER] if env else ["-m", "moepost"]
     return subprocess.run(
-        [sys.executable, "-m", "moepost", *args],
+        [sys.executable, *entry, *args],
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

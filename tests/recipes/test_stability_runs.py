@@ -1,5 +1,5 @@
 """The numerical-stability toolbox end to end on a tiny qwen3_moe: injected NaN / spiked
-gradients (the MOEPOST_INJECT_* hooks), consecutive skips stopping the run with the checkpoint
+gradients (the MOEPOST_INJECT_* hooks of fault_hooks.py), consecutive skips stopping the run with the checkpoint
 intact, NaN logits rows dropped from the SFT loss, and the AQN sigma in the RL log."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from fault_hooks import install_gradient_faults
 from recipe_support import format_rows, make_config, read_log, write_jsonl
 from safetensors.torch import load_file
 
@@ -59,6 +60,12 @@ def rl_config(model_dir: Path, data: Path, out: Path, **sections: dict) -> dict:
     for name, values in sections.items():
         cfg[name] = {**cfg.get(name, {}), **values}
     return cfg
+
+
+@pytest.fixture(autouse=True)
+def gradient_faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MOEPOST_INJECT_* hooks (tests/recipes/fault_hooks.py), undone after each test."""
+    install_gradient_faults(monkeypatch)
 
 
 @pytest.fixture

@@ -1,20 +1,31 @@
 """Checkpoints: Hugging Face weights (or a PEFT adapter) plus the trainer state for exact resume.
 
-A checkpoint is written under a temporary name and renamed when complete, so a crash never
-leaves a half checkpoint that `--resume auto` would pick up.
+Three entry points, one per job:
+- `save_checkpoint` / `save_model_dir` write a folder atomically (`checkpoint_files`):
+  temporary name, fsync, `manifest.json` with every file's size and hash, rename.
+- `find_latest_checkpoint` picks the newest *complete* `checkpoint-<step>/` of a run dir and
+  says which newer ones it passed over and why (truncated, missing file, no manifest).
+- `load_trainer_state` / `load_weights_into` read one back; the trainer state is loaded with
+  `torch.load(weights_only=True)`, so a checkpoint from elsewhere cannot run code.
 """
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from moepost.components.checkpoint_files import (
+    MANIFEST,
+    manifest_problem,
+    remove_dir,
+    write_dir_atomically,
+)
 from moepost.errors import UserError
 
 STATE_FILE = "trainer_state.pt"
@@ -29,9 +40,17 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {
+    """RNG streams as tensors and plain Python values (loadable with weights_only=True)."""
+    key, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            "key": str(key),
+            "state": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -40,28 +59,38 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npy = state["numpy"]
+    if isinstance(npy, dict):
+        keys = npy["state"].numpy().astype(np.uint32)
+        npy = (npy["key"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_model_dir(
-    model: torch.nn.Module, tokenizer: Any, path: Path, trainer_state: dict[str, Any] | None = None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    path: Path,
+    trainer_state: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
 ) -> Path:
-    """Weights (full or adapter) + tokenizer (+ trainer state) in HF format, written atomically."""
-    tmp = path.with_name("." + path.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    unwrap(model).save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if trainer_state is not None:
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
-    _replace_dir(tmp, path)
-    return path
+    """Weights (full or adapter) + tokenizer (+ trainer state) in HF format, written atomically.
+
+    `meta` (step, resolved config) goes into the folder's manifest.
+    """
+
+    def write(tmp: Path) -> None:
+        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if trainer_state is not None:
+            torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+
+    return write_dir_atomically(path, write, meta)
 
 
 def save_checkpoint(
@@ -72,65 +101,141 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     keep_last: int,
+    config: dict[str, Any] | None = None,
 ) -> Path:
     """Write `checkpoint-<step>/` (weights + `trainer_state.pt`) and prune old ones."""
     out = Path(output_dir)
-    final = save_model_dir(model, tokenizer, out / f"checkpoint-{step}", trainer_state)
+    meta = {"step": step, "config": config}
+    final = save_model_dir(model, tokenizer, out / f"checkpoint-{step}", trainer_state, meta)
     prune_checkpoints(out, keep_last)
     return final
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():
-        old = final.with_name(final.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
+def _numbered(output_dir: Path) -> list[tuple[int, Path]]:
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _CKPT_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def checkpoint_problem(ckpt: Path, *, hashes: bool = False) -> str | None:
+    """Why `ckpt` cannot be resumed from (None: complete). A folder without a manifest was
+    written before manifests existed (always renamed complete): its trainer state suffices."""
+    if not (ckpt / MANIFEST).exists():
+        if (ckpt / STATE_FILE).is_file():
+            return None
+        return f"{ckpt / MANIFEST}: missing (the write did not finish)"
+    problem = manifest_problem(ckpt, hashes=hashes)
+    if problem is None and not (ckpt / STATE_FILE).is_file():
+        return f"{ckpt / STATE_FILE}: missing (not a training checkpoint)"
+    return problem
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a directory without its state file is ignored)."""
-    out = Path(output_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for p in out.iterdir():
-        m = _CKPT_RE.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+    """Complete checkpoints, oldest first (sizes checked against each manifest)."""
+    return [p for _, p in _numbered(Path(output_dir)) if checkpoint_problem(p) is None]
+
+
+def find_latest_checkpoint(output_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest complete checkpoint (hashes checked) and the reasons newer ones were skipped."""
+    skipped: list[str] = []
+    for _, p in reversed(_numbered(Path(output_dir))):
+        problem = checkpoint_problem(p, hashes=True)
+        if problem is None:
+            return p, skipped
+        skipped.append(problem)
+    return None, skipped
 
 
 def prune_checkpoints(output_dir: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for p in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(p, ignore_errors=True)
+        remove_dir(p)
 
 
 def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
-    """`auto` -> newest complete checkpoint in the run dir (or None); a path must exist."""
+    """`auto` -> newest complete checkpoint in the run dir (or None); a path must be complete.
+
+    `auto` passes over incomplete newer checkpoints (use `find_latest_checkpoint` to report
+    them); a run dir whose checkpoints are all incomplete is an error, not a fresh start.
+    """
     if resume is None:
         return None
     if resume == "auto":
-        ckpts = list_checkpoints(output_dir)
-        return ckpts[-1] if ckpts else None
+        path, skipped = find_latest_checkpoint(output_dir)
+        if path is None and skipped:
+            raise UserError(
+                f"--resume auto: no complete checkpoint in {output_dir} ({'; '.join(skipped)})"
+            )
+        return path
     p = Path(resume)
-    if not (p / STATE_FILE).is_file():
-        raise UserError(f"--resume {resume}: not a complete checkpoint (no {STATE_FILE})")
+    if not p.is_dir():
+        raise UserError(f"--resume {resume}: no such checkpoint folder")
+    problem = checkpoint_problem(p, hashes=True)
+    if problem is not None:
+        raise UserError(f"--resume {resume}: not a complete checkpoint: {problem}")
     return p
 
 
+# numpy's RNG state in checkpoints written before it was stored as a tensor: data-only types.
+_LEGACY_NUMPY = [np.dtype, np.ndarray, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+
+
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
-    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)
+    """`trainer_state.pt` with weights_only=True: tensors and plain data only, no code."""
+    path = ckpt / STATE_FILE
+    try:
+        with torch.serialization.safe_globals(_LEGACY_NUMPY):
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsafe = _unsafe_globals(path)
+        if unsafe:
+            raise UserError(
+                f"{path}: refused to load: it holds Python objects other than tensors and "
+                f"plain data ({', '.join(unsafe[:3])}); moepost checkpoints never do, so the "
+                "file is not one or was tampered with - do not resume from a file you do not trust"
+            ) from None
+        raise UserError(f"{path}: unreadable trainer state ({_unpickler_detail(str(e))})") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: unreadable trainer state ({first})") from None
+    if not isinstance(blob, dict) or not {"train", "optim", "rng"} <= set(blob):
+        raise UserError(f"{path}: not a moepost trainer state (expected train/optim/rng)")
+    return blob
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The code a torch file would import (`module.name`), read without running anything."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a torch zip file at all: nothing to name
+        return []
+
+
+def _unpickler_detail(message: str) -> str:
+    """The reason inside torch's long weights_only error."""
+    lines = [x.strip() for x in message.splitlines() if x.strip()]
+    reasons = [x for x in lines if "nsupported" in x and not x.startswith("Please file")]
+    return reasons[0] if reasons else (lines[0] if lines else "not a torch file")
 
 
 def load_weights_into(model: torch.nn.Module, ckpt: Path) -> None:
     """Load a checkpoint's weights (full model or adapter) into an already built model."""
+    try:
+        _load_weights(model, ckpt)
+    except UserError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:  # safetensors / transformers read errors
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{ckpt}: weights unreadable ({first})") from None
+
+
+def _load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     from safetensors.torch import load_file
 
     inner = unwrap(model)

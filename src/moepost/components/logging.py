@@ -40,8 +40,19 @@ def _jsonable(value: Any) -> Any:
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+    line = json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n"
+    try:
+        with path.open("a", encoding="utf-8") as f:
+            f.write(line)
+    except OSError as e:
+        from moepost.components.checkpoint_files import DiskFullError, is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(
+            f"disk full while appending to {path}: the lines logged before are intact, the "
+            "checkpoints too; free space and continue with --resume auto"
+        ) from None
 
 
 def scalar_metrics(row: dict[str, Any]) -> dict[str, float]:

@@ -5,13 +5,11 @@
   check -> optimizer step. Under data parallelism the gradients are already all-reduced when
   this runs, so every rank sees the same global norm and takes the same skip decision.
 - `drop_nonfinite_rows`: takes rows with NaN/Inf log-probs out of a loss (SFT).
-- `inject_test_faults`: the MOEPOST_INJECT_* test hooks (NaN or spiked gradients at a step).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -163,40 +161,3 @@ def drop_nonfinite_rows(
     zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
     clean = torch.where(bad[:, None, None], zero, logits)
     return clean, labels.masked_fill(bad[:, None], ignore_index), dropped
-
-
-def _steps_from_env(name: str) -> tuple[set[int], int | None]:
-    """`k`, `k1,k2,...` or `k+` (k and every later step) from an environment variable."""
-    raw = os.environ.get(name, "").strip()
-    steps: set[int] = set()
-    start: int | None = None
-    for part in filter(None, (x.strip() for x in raw.split(","))):
-        if part.endswith("+"):
-            start = int(part[:-1])
-        else:
-            steps.add(int(part))
-    return steps, start
-
-
-def _hit(name: str, step: int) -> bool:
-    steps, start = _steps_from_env(name)
-    return step in steps or (start is not None and step >= start)
-
-
-@torch.no_grad()
-def inject_test_faults(params: list[torch.nn.Parameter], step: int) -> None:
-    """Test hooks, applied to the gradients just before the gradient pipeline.
-
-    `MOEPOST_INJECT_NAN_GRAD_AT_STEP=k` puts a NaN into one element of the first gradient at
-    optimizer step k (1-based); `MOEPOST_INJECT_GRAD_SPIKE_AT_STEP=k` multiplies every gradient
-    by `MOEPOST_GRAD_SPIKE_SCALE` (default 1000). k may be a list (`2,3`) or open-ended (`2+`).
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    if _hit("MOEPOST_INJECT_NAN_GRAD_AT_STEP", step):
-        grads[0][(0,) * grads[0].dim()] = float("nan")
-    if _hit("MOEPOST_INJECT_GRAD_SPIKE_AT_STEP", step):
-        scale = float(os.environ.get("MOEPOST_GRAD_SPIKE_SCALE", "1000"))
-        for g in grads:
-            g.mul_(scale)

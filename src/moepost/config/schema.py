@@ -163,6 +163,8 @@ class TrainConfig:
     gradient_accumulation_steps: int | None = None
     eval_every: int = 0
     save_every: int = 0
+    # SIGTERM / SIGINT: finish the step and write a checkpoint before exiting (143 / 130)
+    save_on_signal: bool = True
     seed: int = 42
     eval_metric: str | None = None
 
@@ -227,6 +229,8 @@ class LoggingConfig:
     save_final: bool = True
     write_report: bool = True
     run_name: str | None = None
+    # A fresh run in a folder holding an earlier run deletes that run's files first (else: error)
+    overwrite_output_dir: bool = False
 
 
 @dataclass

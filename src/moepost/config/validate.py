@@ -29,6 +29,9 @@ def resolve_rl_presets(cfg: Config) -> None:
 
 
 def check_all(cfg: Config) -> None:
+    from moepost.config.ranges import check_ranges
+
+    check_ranges(cfg)
     _check_model_data(cfg)
     _check_train(cfg)
     if cfg.stage == "rl":

@@ -18,9 +18,11 @@ from moepost.components import checkpoint as ckpt
 from moepost.components.logging import RunLogger, truncate_log_after
 from moepost.components.optim import MasterWeights, build_optimizer, build_scheduler
 from moepost.components.packing import batch_by_tokens, split_to_count
-from moepost.components.stability import GradientPipeline, inject_test_faults
+from moepost.components.stability import GradientPipeline
 from moepost.config.load import config_to_dict, write_resolved_config
 from moepost.config.schema import Config
+from moepost.recipes import signals
+from moepost.recipes.run_dir import prepare_run_dir
 
 if TYPE_CHECKING:
     from moepost.distributed import DistContext
@@ -43,6 +45,8 @@ class Run:
     is_main: bool = True
     notes: list[str] = field(default_factory=list)
     dist: Any = None  # the recipe's DistContext (moepost.distributed); None: one process
+    resume_checked: bool = False  # open_run chose `resume_from` (None: start fresh)
+    resume_from: Path | None = None
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -77,15 +81,23 @@ def start_run(cfg: Config, device: torch.device, *, eval_only: bool = False) -> 
     return Run(cfg=cfg, output_dir=out, device=device, logger=logger, is_main=rank == 0)
 
 
-def open_run(cfg: Config, *, resume: str | None, eval_only: bool) -> Run:
-    """Seed, pick the device, join the process group (if any), create the run directory."""
+def open_run(
+    cfg: Config, *, resume: str | None, eval_only: bool, allow_config_change: bool = False
+) -> Run:
+    """Seed, check the run directory (earlier run, checkpoint to resume, changed config), pick
+    the device, join the process group (if any), create the run directory."""
     from moepost.components.model import resolve_device
     from moepost.distributed import describe, init_distributed
 
     seed_everything(cfg.train.seed)
+    # Every rank checks before the rendezvous, so none sees files another rank wrote.
+    resume_from = None
+    if not eval_only:
+        resume_from = prepare_run_dir(cfg, resume, allow_config_change=allow_config_change)
     dist = init_distributed(cfg, resolve_device(cfg.misc.device), resume=resume)
     run = start_run(cfg, dist.device, eval_only=eval_only)
     run.dist = dist
+    run.resume_checked, run.resume_from = not eval_only, resume_from
     if dist.active:
         run.say(describe(dist))
     return run
@@ -115,17 +127,14 @@ class Optimization:
         self.pipeline = GradientPipeline(cfg.stability, cfg.optim.max_grad_norm)
         self.calls = 0  # optimizer steps attempted, skipped ones included
 
-    def step(self, step: int | None = None) -> dict[str, float]:
+    def step(self) -> dict[str, float]:
         """Transform gradients, step (unless non-finite), advance the schedule, zero grads.
 
-        `step` (1-based) is only used by the fault-injection test hooks; by default it is the
-        number of calls so far, i.e. the training step when each step makes one optimizer step.
         On a skipped step neither the optimizer nor the schedule moves.
         """
         self.calls += 1
         if self.master is not None:
             self.master.grads_to_masters()
-        inject_test_faults(self.params, self.calls if step is None else step)
         ok, metrics = self.pipeline(self.params)
         lr = self.optimizer.param_groups[0]["lr"]
         if ok:
@@ -178,6 +187,7 @@ def save(
             tokenizer,
             trainer_state,
             keep_last=run.cfg.logging.keep_last_checkpoints,
+            config=config_to_dict(run.cfg),
         )
 
 
@@ -189,8 +199,12 @@ def _full_weights(run: Run, model: torch.nn.Module) -> Any:
 def maybe_resume(
     run: Run, resume: str | None, model: torch.nn.Module, opt: Optimization
 ) -> TrainState:
-    """Restore weights, optimizer, schedule, RNG and data position from a checkpoint."""
-    path = ckpt.resolve_resume(run.output_dir, resume)
+    """Restore weights, optimizer, schedule, RNG and data position from a checkpoint.
+
+    From here on a SIGTERM / SIGINT ends the run after the current step (`signals`).
+    """
+    signals.defer_signals()
+    path = run.resume_from if run.resume_checked else ckpt.resolve_resume(run.output_dir, resume)
     if path is None:
         if resume == "auto":
             run.say("resume: no complete checkpoint found, starting from scratch")
@@ -247,12 +261,29 @@ def finish_run(run: Run) -> None:
         run.say(f"report: {write_report(run.output_dir)}")
 
 
-def crash_for_test(step: int) -> None:
-    """Test hook: `MOEPOST_CRASH_AFTER_STEP=k` kills the process right after step k's work
-    (checkpoint included), the way a preempted job dies: no cleanup, no final save."""
-    target = os.environ.get("MOEPOST_CRASH_AFTER_STEP")
-    if target is not None and int(target) == step:
-        os._exit(17)
+def stop_if_signalled(
+    run: Run, model: torch.nn.Module, tokenizer: Any, opt: Optimization, state: TrainState
+) -> None:
+    """End of a step: after SIGTERM / SIGINT (on any rank) save unless this step already did
+    (`train.save_on_signal`), close the logs and raise `signals.Stopped`."""
+    signum = signals.requested(run.dist)
+    if signum is None:
+        return
+    cfg = run.cfg
+    saved = bool(cfg.train.save_every and state.step % cfg.train.save_every == 0)
+    if cfg.train.save_on_signal and not saved:
+        save(run, model, tokenizer, opt, state)
+    latest = ckpt.list_checkpoints(run.output_dir) if run.is_main else []
+    where = f"latest checkpoint {latest[-1]}" if latest else "no checkpoint yet"
+    why = "" if cfg.train.save_on_signal else " (train.save_on_signal: false)"
+    run.logger.close()
+    if run.dist is not None:
+        run.dist.close()
+    raise signals.Stopped(
+        signum,
+        f"stopped by {signals.signal_name(signum)} after step {state.step}{why}; {where}; "
+        "continue with --resume auto",
+    )
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

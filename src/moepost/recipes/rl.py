@@ -48,13 +48,13 @@ from moepost.recipes.common import (
     Optimization,
     Run,
     TrainState,
-    crash_for_test,
     finish_run,
     maybe_resume,
     open_run,
     reset_logs,
     save,
     save_final,
+    stop_if_signalled,
 )
 from moepost.recipes.data_source import rl_train_data
 from moepost.recipes.evaluate import evaluate_generation
@@ -68,8 +68,14 @@ from moepost.recipes.rl_update import (
 )
 
 
-def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -> dict[str, Any]:
-    run = open_run(cfg, resume=resume, eval_only=eval_only)
+def run_rl(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    eval_only: bool = False,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
+    run = open_run(cfg, resume=resume, eval_only=eval_only, allow_config_change=allow_config_change)
     dist, device = run.dist, run.device
     tokenizer = load_tokenizer(cfg.model, cfg.misc)
     train_set, eval_set, _, data_line = rl_train_data(cfg, tokenizer)
@@ -155,7 +161,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
             last.update(ev)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0:
             save(run, model, tokenizer, opt, state)
-        crash_for_test(state.step)
+        stop_if_signalled(run, model, tokenizer, opt, state)
     console.close()
     if eval_set and not any(k.startswith("eval/") for k in last):  # not already at this step
         ev = _evaluate(run, engine, eval_set, reward_fns, step=state.step)

@@ -42,7 +42,6 @@ from moepost.recipes.common import (
     Optimization,
     Run,
     TrainState,
-    crash_for_test,
     finish_run,
     maybe_resume,
     micro_batch_groups,
@@ -50,13 +49,20 @@ from moepost.recipes.common import (
     reset_logs,
     save,
     save_final,
+    stop_if_signalled,
 )
 from moepost.recipes.data_source import sft_train_data
 
 
-def run_sft(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -> dict[str, Any]:
+def run_sft(
+    cfg: Config,
+    *,
+    resume: str | None = None,
+    eval_only: bool = False,
+    allow_config_change: bool = False,
+) -> dict[str, Any]:
     """Train (or only evaluate) and return the last logged metrics."""
-    run = open_run(cfg, resume=resume, eval_only=eval_only)
+    run = open_run(cfg, resume=resume, eval_only=eval_only, allow_config_change=allow_config_change)
     dist, device = run.dist, run.device
     tokenizer = load_tokenizer(cfg.model, cfg.misc)
     train_set, eval_set, _, data_line = sft_train_data(cfg, tokenizer)
@@ -111,7 +117,7 @@ def run_sft(cfg: Config, *, resume: str | None = None, eval_only: bool = False) 
             last.update(ev)
         if cfg.train.save_every and state.step % cfg.train.save_every == 0:
             save(run, model, tokenizer, opt, state)
-        crash_for_test(state.step)
+        stop_if_signalled(run, model, tokenizer, opt, state)
     console.close()
     if eval_set and not any(k.startswith("eval/") for k in last):  # not already at this step
         ev = dist.mean_metrics(evaluate(model, eval_set, cfg, device, tokenizer.pad_token_id))

@@ -48,7 +48,8 @@ def resolve_checkpoint(src: str | Path) -> Path:
 def _is_model_file(path: Path) -> bool:
     if not path.is_file() or path.suffix not in _MODEL_SUFFIXES:
         return False
-    return "state" not in path.name  # trainer_state.json and the like
+    # trainer_state.json and the like; manifest.json describes the checkpoint's own files
+    return "state" not in path.name and path.name != "manifest.json"
 
 
 def _copy_model_files(src: Path, out: Path) -> None:
