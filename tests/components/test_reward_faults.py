@@ -205,14 +205,14 @@ def test_log_extra_stays_aligned_when_samples_raise() -> None:
 @pytest.mark.parametrize("value", [0, -1.0])
 def test_timeout_must_be_positive_or_null(value: float) -> None:
     from moepost.config.schema import Config
-    from moepost.config.validate import _check_rl
+    from moepost.config.validate import check_all
 
     cfg = Config()
     cfg.stage = "rl"
     cfg.reward.functions = [{"name": "gsm8k"}]
     cfg.reward.timeout_s = value
-    with pytest.raises(UserError, match=r"reward.timeout_s = .*must be > 0 seconds, or null"):
-        _check_rl(cfg)
+    with pytest.raises(UserError, match=r"^reward.timeout_s = .*: must be > 0$"):
+        check_all(cfg)
 
 
 def test_an_async_function_raising_timeouterror_is_an_error_not_a_timeout() -> None:

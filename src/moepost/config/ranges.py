@@ -30,6 +30,8 @@ RANGES: dict[str, Range] = {
     "data.test_size": _NONNEG,
     "data.max_train_samples": _ONE,
     "data.max_eval_samples": _ONE,
+    "data.shuffle_buffer_size": _NONNEG,  # 0: no shuffle buffer (file order within a pass)
+    "data.max_in_memory_bytes": _POS,  # null: no cap
     "generation.num_samples_per_prompt": _ONE,
     "generation.max_new_tokens": _ONE,
     "generation.temperature": _NONNEG,
@@ -45,6 +47,7 @@ RANGES: dict[str, Range] = {
     "rl.num_policy_updates": _ONE,
     "rl.max_dynamic_sampling_rounds": _NONNEG,
     "rl.overlong_cache_length": _NONNEG,
+    "reward.timeout_s": _POS,  # null: no limit
     "moe.router_aux_loss_coef": _NONNEG,
     "moe.router_z_loss_coef": _NONNEG,
     "moe.collapse_entropy_threshold": _UNIT,

@@ -64,13 +64,6 @@ def _check_model_data(cfg: Config) -> None:
 
 def _check_streaming(cfg: Config) -> None:
     d = cfg.data
-    if d.shuffle_buffer_size < 0:
-        raise UserError(f"data.shuffle_buffer_size = {d.shuffle_buffer_size}: must be >= 0")
-    if d.max_in_memory_bytes is not None and d.max_in_memory_bytes <= 0:
-        raise UserError(
-            f"data.max_in_memory_bytes = {d.max_in_memory_bytes}: expected a positive byte "
-            "count or null (no limit)"
-        )
     if not d.streaming:
         return
     if cfg.train.max_steps <= 0:
@@ -163,10 +156,6 @@ def _check_rl(cfg: Config) -> None:
         )
     if not cfg.reward.functions and not cfg.reward.metricx and not cfg.reward.xcomet:
         raise UserError("reward.functions is empty: name at least one, e.g. [{name: gsm8k}]")
-    if cfg.reward.timeout_s is not None and not cfg.reward.timeout_s > 0:
-        raise UserError(
-            f"reward.timeout_s = {cfg.reward.timeout_s}: must be > 0 seconds, or null for no limit"
-        )
 
 
 def _check_misc(cfg: Config) -> None:

@@ -101,7 +101,7 @@ def run_rl(
     reference = None
     if cfg.rl.kl_coef:
         reference = load_reference(cfg.model, cfg.misc, device=device, needed=True)
-    total = total_steps(cfg, len(train_set))
+    total = total_steps(cfg, None if train_set.streaming else len(train_set))
     train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
     opt = Optimization(model, cfg, total)
     train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
@@ -174,9 +174,12 @@ def run_rl(
     return last
 
 
-def total_steps(cfg: Config, num_prompts: int) -> int:
-    """Optimizer steps of the run: train.max_steps, else one epoch of the prompts."""
-    return cfg.train.max_steps or max(1, num_prompts // cfg.train.prompts_per_step)
+def total_steps(cfg: Config, num_prompts: int | None) -> int:
+    """Optimizer steps of the run: train.max_steps, else one epoch of the prompts (None: a
+    stream, whose length is unknown; the config check makes max_steps required then)."""
+    if cfg.train.max_steps or num_prompts is None:
+        return cfg.train.max_steps
+    return max(1, num_prompts // cfg.train.prompts_per_step)
 
 
 def engine_sync_if_noisy(engine: Any, model: torch.nn.Module, sigma: float) -> None:
@@ -229,7 +232,12 @@ def rollout_and_score(
             holder, prompts, batch, cfg.generation.micro_batch_size
         )
         scores = score_batch(
-            reward_fns, examples, batch, cfg, state.step, total_steps(cfg, len(train_set))
+            reward_fns,
+            examples,
+            batch,
+            cfg,
+            state.step,
+            total_steps(cfg, None if train_set.streaming else len(train_set)),
         )
         if not cfg.rl.dynamic_sampling:
             return batch, examples, scores, rounds + 1
