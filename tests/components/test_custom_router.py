@@ -3,12 +3,18 @@ through the block's own top-k, on a tiny `trust_remote_code` MoE (custom_moe_mod
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import custom_moe_modeling as cm
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from moepost.components.model import load_policy
@@ -21,8 +27,13 @@ from moepost.components.moe import (
 )
 from moepost.components.moe_discovery import set_router_module
 from moepost.components.router_tools import RouterTools
+from moepost.config.load import load_config
 from moepost.config.schema import MiscConfig, ModelConfig, MoEConfig
 from moepost.errors import UserError
+from moepost.recipes.rl import run_rl
+from moepost.recipes.sft import run_sft
+from moepost.tools.doctor import prepare, run_doctor
+from moepost.tools.doctor_router import custom_router_checks
 from moepost.tools.tiny_model import build_tokenizer
 
 
@@ -255,3 +266,125 @@ def test_uncapturable_router_is_a_one_line_error_naming_the_key(tmp_path: Path) 
         "moe.router_module to the module that computes the router logits (a class name such as "
         "'G3MoeTopkRouter' or an attribute path such as 'mlp.gate')"
     )
+
+
+# ---- doctor, command line, training runs ---------------------------------------------------
+
+PROBLEMS = [(a, b) for a, b in [(1, 2), (13, 4), (5, 16), (7, 1), (3, 3), (8, 9), (2, 6), (4, 11)]]
+
+
+def _data(root: Path) -> Path:
+    rows = [{"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+            for a, b in PROBLEMS]  # fmt: skip
+    path = root / "gsm8k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _config_file(root: Path, model: Path, stage: str, **sections: dict) -> Path:
+    cfg: dict = {
+        "stage": stage,
+        "model": {"policy_name_or_path": str(model), "trust_remote_code": True},
+        "data": {"train_file": str(_data(root)), "max_seq_length": 64},
+        "optim": {"learning_rate": 3e-3},
+        "logging": {"output_dir": str(root / f"run_{stage}"), "write_report": False},
+        "misc": {"device": "cpu"},
+    }
+    if stage == "sft":
+        cfg["train"] = {"max_steps": 3, "batch_size": 4, "micro_batch_size": 2, "seed": 1}
+    else:
+        cfg["generation"] = {"num_samples_per_prompt": 2, "max_new_tokens": 6, "temperature": 1.0}
+        cfg["rl"] = {"algorithm": "gspo"}
+        cfg["reward"] = {"functions": [{"name": "gsm8k"}]}
+        cfg["train"] = {"max_steps": 2, "prompts_per_step": 2, "micro_batch_size": 2, "seed": 3}
+    for key, value in sections.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path = root / f"{stage}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_doctor_verifies_the_discovered_router(
+    custom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    path = _config_file(tmp_path, custom_dir, "rl", moe={"routing_replay": "r3"})
+    assert run_doctor(str(path), []) == 0
+    out = capsys.readouterr().out
+    lines = {line.split("  ")[0]: line for line in out.splitlines()[1:-1]}
+    assert list(lines) == [
+        "MoE layers", "router logits", "aux loss gradient", "aux coefficient",
+        "expert load (prompts)", "router capture", "router replay",
+        "train vs rollout logprob", "train vs rollout routing", "memory",
+    ]  # fmt: skip
+    assert all(" OK " in line for line in lines.values()), out
+    assert out.splitlines()[-1] == "10 checks: 10 OK, 0 WARN, 0 FAIL"
+    assert "Linear (block_topk), not verified, taken at layers.0.mlp.gate by shape" in out
+    assert "at 100.0% of" in lines["router capture"]
+    assert "own routes replayed: output bit-identical" in lines["router replay"]
+    assert "reaches the router" in lines["aux loss gradient"]
+    assert "flip rate 0 " in lines["train vs rollout routing"]
+
+
+def test_doctor_fails_when_replay_misses_the_routing_top_k(
+    custom_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block whose first top-k over the experts is not the one it routes with."""
+    path = _config_file(tmp_path, custom_dir, "rl")
+    setup = prepare(str(path), [])
+    block_cls = type(setup.model.layers[0].mlp)
+    original = block_cls.forward
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        logits = self.gate(hidden.reshape(-1, hidden.shape[-1]))
+        self.last_top = torch.topk(logits.detach(), self.top_k, dim=-1).indices  # "logging"
+        return original(self, hidden)
+
+    monkeypatch.setattr(block_cls, "forward", forward)
+    checks = {c.name: c for c in custom_router_checks(setup)}
+    assert checks["router capture"].status == "OK"
+    assert checks["router replay"].status == "FAIL"
+    assert "replaying other experts did not change the output" in checks["router replay"].detail
+
+
+def test_cli_uncapturable_router_exits_two(tmp_path: Path) -> None:
+    model = build_custom_moe(tmp_path / "matmul", router_style="matmul")
+    path = _config_file(tmp_path, model, "sft")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "moepost", "train", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if "moe.router_module" in line]
+    assert len(errors) == 1 and "Traceback" not in done.stderr
+    assert (
+        "MoE block 'layers.0.mlp' (CustomMoeSparseBlock) has a router moepost cannot" in errors[0]
+    )
+
+
+def test_sft_trains_the_custom_router_with_aux_loss(custom_dir: Path, tmp_path: Path) -> None:
+    path = _config_file(tmp_path, custom_dir, "sft", moe={"router_aux_loss_coef": 0.1})
+    run_sft(load_config(str(path), []))
+    out = tmp_path / "run_sft"
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 3
+    for row in steps:
+        assert row["aux_loss"] >= 2.0 - 1e-6 and 0 < row["moe/load_entropy"] <= 1
+    loads = [json.loads(line) for line in (out / "expert_load.jsonl").read_text().splitlines()]
+    assert len(loads) == 3 and len(loads[0]["load_fraction"]) == 2
+    assert all(abs(sum(f) - 1) < 1e-5 for f in loads[0]["load_fraction"])
+    before = load(custom_dir).layers[0].mlp.gate.weight
+    after = load(out / "final").layers[0].mlp.gate.weight
+    assert not torch.allclose(before, after)  # the router was trained
+
+
+def test_rl_with_r3_replays_the_rollout_routes(custom_dir: Path, tmp_path: Path) -> None:
+    moe = {"routing_replay": "r3", "router_aux_loss_coef": 0.1}
+    run_rl(load_config(str(_config_file(tmp_path, custom_dir, "rl", moe=moe)), []))
+    rows = [json.loads(line) for line in (tmp_path / "run_rl" / "train_log.jsonl").read_text().splitlines()]  # fmt: skip
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for row in steps:
+        assert math.isfinite(row["loss"]) and row["aux_loss"] >= 2.0 - 1e-6
+        # the training pass used exactly the experts that generated the tokens
+        assert row["moe/route_flip_rate_rollout_train"] == 0.0
+        assert 0 < row["moe/load_entropy"] <= 1
