@@ -11,10 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
 from recipe_support import format_rows, make_config, write_jsonl
 from test_rl_recipe import rl_config
 from test_sft_recipe import sft_config
 
+from moepost.recipes import rl_update
 from moepost.recipes.rl import run_rl
 from moepost.recipes.sft import run_sft
 
@@ -42,8 +44,9 @@ def deprecations() -> Iterator[list[str]]:
         for start, caller in KNOWN:
             if text.startswith(start) and any(caller in f.filename for f in stack[-3:-1]):
                 return
-        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in stack[-4:][::-1])
-        found.append(f"{category.__name__}: {text} (at {where})")
+        ours = [f for f in stack if "/moepost/" in f.filename and "/tests/" not in f.filename]
+        caller = f"{Path(ours[-1].filename).name}:{ours[-1].lineno}" if ours else "?"
+        found.append(f"{category.__name__}: {text} ({filename}:{lineno}, from moepost {caller})")
 
     hf_logger = logging.getLogger("transformers")
     handler = Collect(logging.WARNING)
@@ -59,8 +62,18 @@ def deprecations() -> Iterator[list[str]]:
     found += [f"log: {r.getMessage()}" for r in records if "deprecat" in r.getMessage().lower()]
 
 
-def test_sft_and_gspo_with_lora_use_current_apis(tiny_model: Path, tmp_path: Path) -> None:
+def test_sft_and_gspo_with_lora_use_current_apis(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = write_jsonl(tmp_path / "gsm8k.jsonl", format_rows("gsm8k", n=12))
+    shared_calls: list[int] = []  # the shared-prefix forwards must run, not just be allowed
+    original = rl_update.shared_prefix_logits
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        shared_calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(rl_update, "shared_prefix_logits", counted)
     lora = {"lora": {"enabled": True, "r": 4, "alpha": 8, "target_experts": True}}
     with deprecations() as found:
         # SFT with LoRA on attention and experts, gradient checkpointing on
@@ -79,5 +92,5 @@ def test_sft_and_gspo_with_lora_use_current_apis(tiny_model: Path, tmp_path: Pat
             train={"max_steps": 2, "eval_every": 2},
         )
         run_rl(make_config(rl))
-    assert (tmp_path / "rl" / "train_log.jsonl").is_file()
+    assert (tmp_path / "rl" / "train_log.jsonl").is_file() and shared_calls
     assert found == [], "\n".join(found)
