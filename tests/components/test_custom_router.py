@@ -388,3 +388,29 @@ def test_rl_with_r3_replays_the_rollout_routes(custom_dir: Path, tmp_path: Path)
         # the training pass used exactly the experts that generated the tokens
         assert row["moe/route_flip_rate_rollout_train"] == 0.0
         assert 0 < row["moe/load_entropy"] <= 1
+
+
+def test_lora_on_the_custom_gate_is_captured_and_frozen_with_it(custom_dir: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(load(custom_dir), LoraConfig(r=2, lora_alpha=4, target_modules=["gate"]))
+    layers = find_moe_layers(model)
+    gate = model.base_model.model.layers[0].mlp.gate
+    assert layers[0].router is gate and layers[0].weight is gate.base_layer.weight
+    with torch.no_grad():  # a non-zero adapter, so its delta shows in the logits
+        for info in layers:
+            info.router.lora_B["default"].weight.fill_(0.5)
+    x = _tokens()
+    outputs: list[torch.Tensor] = []
+    handle = gate.register_forward_hook(lambda m, a, out: outputs.append(out))
+    tools = RouterTools(model, MoEConfig(router_aux_loss_coef=0.1))
+    with tools.capture() as cap:
+        model(input_ids=x)
+    handle.remove()
+    torch.testing.assert_close(cap.logits(0), outputs[0], rtol=0, atol=0)  # with the adapter
+    aux, _ = tools.losses(cap, torch.ones(10, dtype=torch.bool), share=1.0)
+    aux.backward()
+    assert float(gate.lora_A["default"].weight.grad.norm()) > 0
+    names = [n for n, _ in router_parameters(model, include_adapters=True)]
+    assert "base_model.model.layers.0.mlp.gate.lora_A.default.weight" in names
+    assert freeze_router(model) == 6  # per layer: the gate weight and both adapter matrices

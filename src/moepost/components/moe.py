@@ -6,6 +6,10 @@ changes it, so the model's outputs are bit-identical with and without capture. R
 router's own top-k for given indices and recomputes the gate weights from the router's own logits
 (`gate_weights`), so the router still gets gradients through them.
 
+Routers moepost has not verified (kind "block_topk", found by `moe_discovery`) have no such
+output: `moe_block_hooks` reads their logits off the router module and their routes off the
+block's own `torch.topk`, and replays by changing what that top-k returns.
+
 One forward call of a router is one record. Under gradient checkpointing the backward pass runs
 each checkpointed layer's forward again; that recompute is recognised by running inside the
 autograd engine (`torch._C._current_graph_task_id() != -1`): capture ignores it (the record of
