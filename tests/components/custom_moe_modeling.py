@@ -9,6 +9,10 @@ renormalise), not a v5 `*TopKRouter`. `save_pretrained` copies this file next to
 - "linear": `self.gate = nn.Linear(H, E)` (found by shape);
 - "module": `self.gate = CustomMoeRouter(...)`, a module with its own 2-D weight that returns
   `(logits,)` (found by shape, or by class name through moe.router_module);
+- "topk_router": `self.router = CustomMoeTopkRouter(...)` as DeepSeek-style hub code (and the
+  G3MoE seed) writes it: an inner `nn.Linear` used through `F.linear`, sigmoid scores plus a
+  correction bias, top-k inside the router, which returns `(indices, weights)` and no logits;
+  next to a `shared_experts` MLP;
 - "matmul": a bare [H, E] parameter on the block, no router module at all (cannot be captured).
 `extra_gate` adds a second [E, H] linear next to the experts, so discovery cannot decide.
 """
@@ -68,6 +72,22 @@ class CustomMoeRouter(nn.Module):
         return (F.linear(x, self.weight),)
 
 
+class CustomMoeTopkRouter(nn.Module):
+    def __init__(self, config: CustomMoeConfig) -> None:
+        super().__init__()
+        self.top_k = config.num_experts_per_tok
+        self.router = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts))
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = hidden.view(-1, hidden.shape[-1])
+        scores = F.linear(h.float(), self.router.weight.float()).sigmoid()
+        choice = scores + self.e_score_correction_bias
+        chosen = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, chosen)
+        return chosen, weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+
+
 class CustomMoeExpert(nn.Module):
     def __init__(self, hidden: int, inner: int) -> None:
         super().__init__()
@@ -88,6 +108,9 @@ class CustomMoeSparseBlock(nn.Module):
             self.gate = nn.Linear(h, e, bias=False)
         elif self.style == "module":
             self.gate = CustomMoeRouter(h, e)
+        elif self.style == "topk_router":
+            self.router = CustomMoeTopkRouter(config)
+            self.shared_experts = CustomMoeExpert(h, config.intermediate_size)
         else:
             self.gate_weight = nn.Parameter(torch.empty(h, e).normal_(0, 0.1))
         if config.extra_gate:
@@ -96,6 +119,10 @@ class CustomMoeSparseBlock(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         x = hidden.reshape(-1, hidden.shape[-1])
+        if self.style == "topk_router":
+            chosen, weights = self.router(hidden)
+            out = self._experts(x, chosen, weights.to(x.dtype)) + self.shared_experts(x)
+            return out.reshape(hidden.shape)
         if self.style == "linear":
             logits = self.gate(x)
         elif self.style == "module":
@@ -105,12 +132,17 @@ class CustomMoeSparseBlock(nn.Module):
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        return self._experts(x, chosen, weights).reshape(hidden.shape)
+
+    def _experts(
+        self, x: torch.Tensor, chosen: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             if rows.numel():
                 out = out.index_add(0, rows, expert(x[rows]) * weights[rows, slot, None])
-        return out.reshape(hidden.shape)
+        return out
 
 
 class CustomMoeAttention(nn.Module):

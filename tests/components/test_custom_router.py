@@ -222,6 +222,49 @@ def test_router_module_by_class_name(tmp_path: Path, caplog: pytest.LogCaptureFi
     assert [i.kind for i in find_moe_layers(model)] == ["block_topk"] * 2
 
 
+def test_router_with_top_k_inside_and_no_logits_output(tmp_path: Path) -> None:
+    """DeepSeek-style hub router (the G3MoE seed's kind): returns (indices, weights) only."""
+    model = load(build_custom_moe(tmp_path / "topk_router", router_style="topk_router"))
+    layers = RouterTools(model, MoEConfig()).layers
+    assert [i.name for i in layers] == ["layers.0.mlp.router", "layers.1.mlp.router"]
+    router = model.layers[0].mlp.router
+    assert layers[0].weight is router.router.weight and layers[0].top_k == 2
+    inputs: list[torch.Tensor] = []
+    handle = router.register_forward_pre_hook(lambda m, a: inputs.append(a[0]))
+    x = _tokens()
+    with capture_routing(model) as cap:
+        reference = model(x).logits
+    handle.remove()
+    h = inputs[0].reshape(-1, 32)
+    # logits recomputed as x W^T from the router's input, with their gradient to W
+    torch.testing.assert_close(cap.logits(0), h @ router.router.weight.T, rtol=0, atol=0)
+    assert cap.logits(0).requires_grad
+    chosen = torch.topk(torch.sigmoid(h @ router.router.weight.T), 2, dim=-1, sorted=False)[1]
+    assert torch.equal(cap.indices(0), chosen)
+    with replay_routing(model, cap.indices()):
+        assert torch.equal(model(x).logits, reference)
+    with replay_routing(model, (cap.indices() + 1) % 4):
+        assert not torch.allclose(model(x).logits, reference)
+    assert [n for n, _ in router_parameters(model)] == [
+        "layers.0.mlp.router.router.weight", "layers.1.mlp.router.router.weight"
+    ]  # fmt: skip
+
+
+def test_doctor_warns_when_the_block_routes_on_other_scores(tmp_path: Path) -> None:
+    """A correction bias moves the choice away from the top-k of the logits: WARN, not FAIL."""
+    model_dir = build_custom_moe(tmp_path / "biased", router_style="topk_router")
+    setup = prepare(str(_config_file(tmp_path, model_dir, "rl")), [])
+    for layer in setup.model.layers:
+        layer.mlp.router.e_score_correction_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 5.0]))
+    checks = {c.name: c for c in custom_router_checks(setup)}
+    assert checks["router capture"].status == "WARN"
+    assert (
+        "the block routes on other scores than the captured logits"
+        in checks["router capture"].detail
+    )
+    assert checks["router replay"].status == "OK"
+
+
 def test_router_module_that_names_nothing(custom_dir: Path) -> None:
     model = load(custom_dir)
     with pytest.raises(UserError, match=r"^moe.router_module: 'mlp.router' names no module"):
@@ -414,3 +457,12 @@ def test_lora_on_the_custom_gate_is_captured_and_frozen_with_it(custom_dir: Path
     names = [n for n, _ in router_parameters(model, include_adapters=True)]
     assert "base_model.model.layers.0.mlp.gate.lora_A.default.weight" in names
     assert freeze_router(model) == 6  # per layer: the gate weight and both adapter matrices
+
+
+@pytest.mark.parametrize("spec", ["", " mlp.gate", ".gate"])
+def test_router_module_value_is_checked_before_loading(
+    custom_dir: Path, tmp_path: Path, spec: str
+) -> None:
+    path = _config_file(tmp_path, custom_dir, "sft", moe={"router_module": spec})
+    with pytest.raises(UserError, match=r"^moe.router_module = .*: expected a router class name"):
+        load_config(str(path), [])

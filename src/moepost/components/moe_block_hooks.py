@@ -5,7 +5,9 @@ router (kind "block_topk", see `moe_discovery`) is usually a plain linear gate w
 MoE block turns into routes itself (`softmax`, `torch.topk`, maybe a renormalisation). So:
 
 - a forward hook on the router takes its output (a tensor [..., E], or a tuple starting with
-  one) as the raw router logits of this block call;
+  one) as the raw router logits of this block call; a router that returns only its routes
+  (top-k inside it, e.g. `(indices, weights)` as DeepSeek-style hub code does) gets its logits
+  recomputed as `x W^T (+ b)` from its input x and its [E, H] weight, with their gradient;
 - around the block's forward a `TorchFunctionMode` watches `torch.topk` / `Tensor.topk`; the
   first call with k = K over a last dimension of E experts is the block's routing choice. Its
   indices are captured; under replay the call returns the replayed indices instead, with the
@@ -143,15 +145,30 @@ class BlockTopkHooks:
     def _router_out(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not self._calls or self._calls[-1].logits is not None:
             return  # called outside its block, or again inside it: the first call routes
-        logits = output[0] if isinstance(output, (tuple, list)) else output
+        logits = output[0] if isinstance(output, (tuple, list)) and output else output
         num_experts = self.info.num_experts
-        if not isinstance(logits, torch.Tensor) or logits.shape[-1] != num_experts:
-            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits)
+        if isinstance(logits, torch.Tensor) and logits.is_floating_point():
+            if logits.shape[-1] == num_experts:
+                self._calls[-1].logits = logits.reshape(-1, num_experts)
+                return
+        self._calls[-1].logits = self._recompute(args, output)
+
+    def _recompute(self, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+        """Logits [N, E] = x W^T (+ b) from the router's input x [..., H], for a router that
+        returns only its routes (top-k inside, e.g. `(indices, weights)`): by the definition
+        of a router found by shape, its logits are that linear map of its input."""
+        weight, bias = self.info.weight, self.info.bias
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.shape[-1] != weight.shape[1]:
+            got = [tuple(o.shape) if isinstance(o, torch.Tensor) else type(o).__name__
+                   for o in (output if isinstance(output, (tuple, list)) else [output])]  # fmt: skip
             raise RuntimeError(
                 f"MoE layer {self.info.index}: router {self.info.name} returned {got}, not "
-                f"logits [..., E={num_experts}]; {_KEY_HINT}"
+                f"logits [..., E={self.info.num_experts}], and its first input is not the hidden "
+                f"states [..., H={weight.shape[1]}]; {_KEY_HINT}"
             )
-        self._calls[-1].logits = logits.reshape(-1, num_experts)
+        flat = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        return torch.nn.functional.linear(flat, weight, bias)
 
     def _leave(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         mode = self._calls.pop()
