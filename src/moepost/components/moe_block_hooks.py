@@ -60,13 +60,12 @@ def merge_routes(
 
 
 def _topk_arguments(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """(input, k, dim, largest) of a `torch.topk` / `Tensor.topk` call."""
-    names = ("input", "k", "dim", "largest")
-    defaults = (None, None, -1, True)
-    values = [args[i] if i < len(args) else kwargs.get(n, d) for i, (n, d) in enumerate(zip(names, defaults, strict=True))]  # fmt: skip
-    if values[0] is None:  # Tensor.topk(self=...) spelled as a keyword: not seen in practice
-        values[0] = kwargs.get("self")
-    return values[0], values[1], values[2], values[3]
+    """(input, k, dim, largest) of a `torch.topk(input, k, dim, largest)` / `Tensor.topk` call."""
+    x = args[0] if args else kwargs.get("input", kwargs.get("self"))
+    k = args[1] if len(args) > 1 else kwargs.get("k")
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", -1)
+    largest = args[3] if len(args) > 3 else kwargs.get("largest", True)
+    return x, k, dim, largest
 
 
 class _BlockTopk(TorchFunctionMode):
@@ -79,11 +78,10 @@ class _BlockTopk(TorchFunctionMode):
         self.logits: torch.Tensor | None = None
         self.used: torch.Tensor | None = None
         self.own: torch.Tensor | None = None
-        self.extra_topk = 0  # later top-k calls of the same shape (left alone)
 
     def _is_routing_topk(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         x, k, dim, largest = _topk_arguments(args, kwargs)
-        if not isinstance(x, torch.Tensor) or x.ndim == 0 or not largest:
+        if not isinstance(x, torch.Tensor) or x.ndim == 0 or k is None or not largest:
             return False
         last = dim in (-1, x.ndim - 1)
         return last and x.shape[-1] == self.info.num_experts and int(k) == self.info.top_k
@@ -99,8 +97,7 @@ class _BlockTopk(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func not in _TOPK or not self._is_routing_topk(args, kwargs):
             return out
-        if self.own is not None:
-            self.extra_topk += 1
+        if self.own is not None:  # a later top-k of the same shape: not the routing one
             return out
         values, own = out
         self.own = own.reshape(-1, self.info.top_k)
