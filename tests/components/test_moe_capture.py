@@ -416,7 +416,8 @@ def test_dense_model_is_a_no_op() -> None:
     assert cap.records == [] and cap.logits().shape == (0, 0, 0)
 
 
-def test_unrecognised_router_is_a_user_error() -> None:
+def test_unrecognised_router_without_top_k_is_a_user_error() -> None:
+    # Found by shape (tests/components/test_custom_router.py), but nothing says its K.
     class CustomSparseBlock(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -424,7 +425,9 @@ def test_unrecognised_router_is_a_user_error() -> None:
             self.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
 
     model = nn.Sequential(nn.Linear(8, 8), CustomSparseBlock())
-    with pytest.raises(UserError, match=r"'1' \(CustomSparseBlock, router Linear\)"):
+    with pytest.raises(
+        UserError, match=r"MoE block '1' \(CustomSparseBlock\): cannot find its top-k"
+    ):
         find_moe_layers(model)
 
 

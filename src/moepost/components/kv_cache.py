@@ -10,11 +10,15 @@ only their storage differs (a strided view, which sdpa and eager attention accep
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from moepost.components.moe_routers import unwrap_model
 
 
 class ReservedLayer(DynamicLayer):
@@ -85,6 +89,26 @@ def reserved_cache(config: Any, reserve: int) -> DynamicCache:
         ReservedLayer(reserve) if type(layer) is DynamicLayer else layer for layer in cache.layers
     ]
     return cache
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` for a forward call of `model`, `name` being the keyword its forward takes.
+
+    transformers 5.2x renamed `past_key_values` to `cache` and warns (FutureWarning) on the old
+    name; a `trust_remote_code` model written for older releases only knows `past_key_values`
+    and would swallow `cache=` in its `**kwargs`, decoding every step without the cache. So the
+    name comes from the forward's own signature (through peft / DDP wrappers).
+    """
+    forward = type(unwrap_model(model)).forward
+    name = _CACHE_KWARG.get(forward)
+    if name is None:
+        params = inspect.signature(forward).parameters
+        name = "cache" if "cache" in params else "past_key_values"
+        _CACHE_KWARG[forward] = name
+    return {name: cache}
+
+
+_CACHE_KWARG: dict[Any, str] = {}  # per forward function: its cache keyword
 
 
 def drop_finished_rows(

@@ -6,6 +6,10 @@ changes it, so the model's outputs are bit-identical with and without capture. R
 router's own top-k for given indices and recomputes the gate weights from the router's own logits
 (`gate_weights`), so the router still gets gradients through them.
 
+Routers moepost has not verified (kind "block_topk", found by `moe_discovery`) have no such
+output: `moe_block_hooks` reads their logits off the router module and their routes off the
+block's own `torch.topk`, and replays by changing what that top-k returns.
+
 One forward call of a router is one record. Under gradient checkpointing the backward pass runs
 each checkpointed layer's forward again; that recompute is recognised by running inside the
 autograd engine (`torch._C._current_graph_task_id() != -1`): capture ignores it (the record of
@@ -34,6 +38,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from moepost.components.moe_block_hooks import BlockTopkHooks, in_backward, merge_routes
 from moepost.components.moe_routers import (
     MoELayerInfo,
     find_moe_layers,
@@ -71,15 +76,13 @@ class RouterRecord(NamedTuple):
     own_indices: torch.Tensor
 
 
-def _in_backward() -> bool:
-    """True while the autograd engine runs, i.e. during a gradient-checkpointing recompute."""
-    return torch._C._current_graph_task_id() != -1
+_Handle = torch.utils.hooks.RemovableHandle | BlockTopkHooks  # both have remove()
 
 
 @dataclass(eq=False)
 class _RouterState:
     info: MoELayerInfo
-    handle: torch.utils.hooks.RemovableHandle
+    handle: _Handle
     captures: list[RouterCapture] = field(default_factory=list)
     replay: ReplaySource | None = None
 
@@ -100,12 +103,12 @@ def _router_hook(
             "(router_logits, router_scores, router_indices); load the model without kernels"
         )
     logits, scores, own_indices = output
-    recompute = _in_backward()
+    recompute = in_backward()
     indices, new_output = own_indices, None
     if state.replay is not None:
         routes = state.replay._take(state.info.index, recompute=recompute)
         if routes is not None:
-            indices = _merge_routes(state.info, routes, own_indices)
+            indices = merge_routes(state.info, routes, own_indices)
             weights = gate_weights(state.info, logits, indices).to(scores.dtype)
             new_output = (logits, weights, indices)
     if not recompute:
@@ -114,28 +117,39 @@ def _router_hook(
     return new_output
 
 
-def _merge_routes(
-    info: MoELayerInfo, routes: torch.Tensor, own_indices: torch.Tensor
-) -> torch.Tensor:
-    """Replayed indices [N, K]; rows holding any -1 keep the router's own choice."""
-    if routes.shape != own_indices.shape:
-        raise RuntimeError(
-            f"routing replay: routes for MoE layer {info.index} ({info.name}) have shape "
-            f"{tuple(routes.shape)} but the router produced {tuple(own_indices.shape)} "
-            "(tokens x top_k); replay routes must come from the same tokens in the same order"
-        )
-    routes = routes.to(device=own_indices.device, dtype=own_indices.dtype, non_blocking=True)
-    unset = (routes < 0).any(dim=-1, keepdim=True)
-    return torch.where(unset, own_indices, routes)
-
-
 def _attach(info: MoELayerInfo) -> _RouterState:
     state = _STATES.get(info.router)
     if state is None:
-        handle = info.router.register_forward_hook(_router_hook)
+        handle: _Handle
+        if info.kind == "block_topk":
+            router = info.router
+            handle = BlockTopkHooks(
+                info,
+                take=lambda recompute: _block_routes(router, recompute),
+                record=lambda *rows: _block_record(router, *rows),
+            )
+        else:
+            handle = info.router.register_forward_hook(_router_hook)
         state = _RouterState(info=info, handle=handle)
         _STATES[info.router] = state
     return state
+
+
+def _block_routes(router: nn.Module, recompute: bool) -> torch.Tensor | None:
+    """Replay routes [N, K] for this call of a custom-router block (None: its own top-k)."""
+    state = _STATES.get(router)
+    if state is None or state.replay is None:
+        return None
+    return state.replay._take(state.info.index, recompute=recompute)
+
+
+def _block_record(
+    router: nn.Module, logits: torch.Tensor, indices: torch.Tensor, own: torch.Tensor
+) -> None:
+    state = _STATES.get(router)
+    if state is not None:
+        for capture in state.captures:
+            capture._record(state.info.index, logits, indices, own)
 
 
 def _detach_if_idle(router: nn.Module) -> None:

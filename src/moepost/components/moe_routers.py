@@ -10,7 +10,9 @@ In transformers v5 every sparse block owns a router module (`*TopKRouter`, attri
 
 Only router classes whose forward was read line by line are listed in `_ROUTER_SPECS`, because
 routing replay recomputes their gate weights (`gate_weights`) and a wrong guess would silently
-change the model.
+change the model. Any other sparse block is read by shape and behaviour (`moe_discovery`: a
+linear [H -> E] router next to the experts, the block's own top-k; kind "block_topk") or through
+`moe.router_module`, with a WARN that `moepost doctor` should verify it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,22 @@ from typing import Literal
 import torch
 from torch import nn
 
+from moepost.components.moe_discovery import (
+    KEY,
+    block_num_experts,
+    block_top_k,
+    discover_router,
+    owning_block,
+    pointed_routers,
+    pointed_spec,
+    router_weight,
+    warn_once,
+)
+from moepost.components.moe_discovery import bare as _bare_module
 from moepost.errors import UserError
 
-RouterKind = Literal["softmax_topk", "sigmoid_group_topk", "topk_softmax"]
+# block_topk: a router moepost has not verified; the block's own top-k is intercepted.
+RouterKind = Literal["softmax_topk", "sigmoid_group_topk", "topk_softmax", "block_topk"]
 
 
 @dataclass(frozen=True)
@@ -73,7 +88,9 @@ class MoELayerInfo:
     and replay routes are indexed by); `layer_idx` is the decoder layer number parsed from
     `name` (they differ when some decoder layers are dense, e.g. DeepSeek's first_k_dense_replace).
     `router` is the bare router module, under any peft wrapper; `weight` [E, H] and `bias` [E]
-    are its own Parameters (not LoRA adapters).
+    are its own Parameters (not LoRA adapters). For kind "block_topk" `router` is the module as
+    the block calls it (a peft wrapper included, so its output carries the adapter), and `block`
+    is the MoE block whose top-k is intercepted.
     """
 
     index: int
@@ -87,6 +104,7 @@ class MoELayerInfo:
     weight: nn.Parameter
     bias: nn.Parameter | None
     routed_scaling_factor: float
+    block: nn.Module | None = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -103,16 +121,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             continue
         break
     return model
-
-
-def _bare_module(module: nn.Module) -> nn.Module:
-    """Peel peft tuner wrappers (`ParamWrapper`, `lora.Linear`, nested) off `module`."""
-    for _ in range(8):
-        base = getattr(module, "base_layer", None)
-        if not isinstance(base, nn.Module):
-            break
-        module = base
-    return module
 
 
 def _layer_number(name: str, fallback: int) -> int:
@@ -141,46 +149,113 @@ def _info(index: int, name: str, router: nn.Module) -> MoELayerInfo:
     )
 
 
-def _check_block(name: str, module: nn.Module) -> None:
-    """Raise UserError if `module` looks like a sparse block but holds no known router."""
+def _custom_info(index: int, root: nn.Module, router_name: str) -> MoELayerInfo:
+    """MoELayerInfo of a router moepost has not verified (kind block_topk)."""
+    block_name, block = owning_block(root, router_name)
+    router = root.get_submodule(router_name)
+    config = getattr(root, "config", None)
+    num_experts = block_num_experts(block, config)
+    weight = router_weight(router, num_experts)
+    if weight is None:
+        raise UserError(
+            f"{KEY}: module '{router_name}' ({type(_bare_module(router)).__name__}) has no 2-D "
+            f"weight [E={num_experts or '?'}, H]: name the module that computes the router logits"
+        )
+    top_k = block_top_k(block, _bare_module(router), config)
+    if top_k is None:
+        raise UserError(
+            f"model: MoE block '{block_name}' ({type(block).__name__}): cannot find its top-k (no "
+            "top_k / num_experts_per_tok on its router, the block or the model config)"
+        )
+    bias = getattr(_bare_module(router), "bias", None)
+    return MoELayerInfo(
+        index=index,
+        layer_idx=_layer_number(router_name, index),
+        name=router_name,
+        router=router,
+        kind="block_topk",
+        num_experts=int(weight.shape[0]),
+        top_k=top_k,
+        norm_topk_prob=bool(getattr(_bare_module(router), "norm_topk_prob", False)),
+        weight=weight,
+        bias=bias if isinstance(bias, nn.Parameter) and bias.ndim == 1 else None,
+        routed_scaling_factor=1.0,
+        block=block,
+    )
+
+
+def _sparse_block_router(root: nn.Module, name: str, module: nn.Module) -> str | None:
+    """Name of the router of `module` when it is a sparse block without a verified router
+    (found by shape, see `moe_discovery`); None when it is not such a block. UserError when it
+    looks sparse but no router can be found in it."""
     children = [_bare_module(c) for c in module.children()]
     if any(type(c).__name__ in _ROUTER_SPECS for c in children):
-        return
-    looks_sparse = hasattr(module, "experts") or bool(
-        _MOE_CLASS_PATTERN.search(type(module).__name__)
-    )
-    if not looks_sparse:
-        return
-    routers = [
-        getattr(module, a) for a in _ROUTER_ATTRS if isinstance(getattr(module, a, None), nn.Module)
-    ]
-    router_class = type(_bare_module(routers[0])).__name__ if routers else "no gate/router child"
+        return None
+    if isinstance(getattr(module, "experts", None), nn.Module):
+        child, _ = discover_router(name, module, getattr(root, "config", None))
+        return f"{name}.{child}" if name else child
+    if not _MOE_CLASS_PATTERN.search(type(module).__name__):
+        return None
     raise UserError(
-        f"model: MoE module '{name}' ({type(module).__name__}, router {router_class}) has a "
-        f"router moepost does not know; supported routers: {', '.join(sorted(_ROUTER_SPECS))}"
+        f"model: module '{name}' ({type(module).__name__}) looks like an MoE router or block but "
+        f"holds no experts and no router moepost knows (supported: {', '.join(sorted(_ROUTER_SPECS))}); "
+        f"set {KEY} to the module that computes the router logits"
+    )
+
+
+def _pointed_layers(root: nn.Module, spec: str) -> list[MoELayerInfo]:
+    infos: list[MoELayerInfo] = []
+    for name, module in pointed_routers(root, spec):
+        if type(_bare_module(module)).__name__ in _ROUTER_SPECS:
+            infos.append(_info(len(infos), name, _bare_module(module)))
+        else:
+            infos.append(_custom_info(len(infos), root, name))
+    custom = [i for i in infos if i.kind == "block_topk"]
+    if custom:
+        warn_once(root, f"{KEY} = '{spec}'", custom[0].name, _describe(custom[0]), len(custom))
+    return infos
+
+
+def _describe(info: MoELayerInfo) -> str:
+    weight = tuple(info.weight.shape)
+    block = type(info.block).__name__ if info.block is not None else "?"
+    return (
+        f"weight {list(weight)} = [E, H], top-{info.top_k} of {info.num_experts} experts in {block}"
     )
 
 
 def find_moe_layers(model: nn.Module) -> list[MoELayerInfo]:
     """Every MoE router of `model` in forward order; [] for a dense model.
 
-    Works on a plain model, a PeftModel and a DDP/FSDP-wrapped module. Raises UserError when a
-    module looks like a sparse block (has `experts`, or a *SparseMoe* / *MoE* / *Router* class
-    name) but its router class is not one whose forward moepost has verified.
+    Works on a plain model, a PeftModel and a DDP/FSDP-wrapped module. Verified router classes
+    are taken as they are; a sparse block (a module holding `experts`) with another router is
+    read by shape (`moe_discovery`), or the modules `moe.router_module` names are used
+    (`set_router_module`). Raises UserError, naming that key, when a block looks sparse but no
+    router can be found in it.
     """
     root = unwrap_model(model)
+    spec = pointed_spec(root)
+    if spec is not None:
+        return _pointed_layers(root, spec)
     infos: list[MoELayerInfo] = []
     seen: set[int] = set()
+    claimed: list[str] = []  # blocks whose router was found by shape: their insides are read
     for name, module in root.named_modules():
-        if _is_peft_wrapper(module):
+        if _is_peft_wrapper(module) or any(name.startswith(p) for p in claimed):
             continue
-        class_name = type(module).__name__
-        if class_name in _ROUTER_SPECS:
+        if type(module).__name__ in _ROUTER_SPECS:
             if id(module) not in seen:
                 seen.add(id(module))
                 infos.append(_info(len(infos), name, module))
             continue
-        _check_block(name, module)
+        router_name = _sparse_block_router(root, name, module)
+        if router_name is not None:
+            infos.append(_custom_info(len(infos), root, router_name))
+            claimed.append(f"{name}." if name else "")
+    custom = [i for i in infos if i.kind == "block_topk"]
+    if custom:
+        how = "found by shape (a linear [H -> E] next to the experts, then the block's top-k)"
+        warn_once(root, how, custom[0].name, _describe(custom[0]), len(custom))
     return infos
 
 
@@ -196,8 +271,8 @@ def router_parameters(
     With `include_adapters`, LoRA parameters of a peft wrapper around a router are included too.
     """
     infos = find_moe_layers(model)
-    wanted = {id(p) for info in infos for p in (info.weight, info.bias) if p is not None}
-    router_ids = {id(info.router) for info in infos}
+    wanted = {id(p) for info in infos for p in _own_parameters(info)}
+    router_ids = {id(_bare_module(info.router)) for info in infos}
     wrapper_prefixes: list[str] = []
     if include_adapters:
         for name, module in model.named_modules():
@@ -208,6 +283,13 @@ def router_parameters(
         if id(param) in wanted or any(name.startswith(p) for p in wrapper_prefixes):
             found.append((name, param))
     return found
+
+
+def _own_parameters(info: MoELayerInfo) -> list[nn.Parameter]:
+    """A router's own parameters: weight and bias, or every one of a custom router module."""
+    if info.kind == "block_topk":
+        return list(_bare_module(info.router).parameters())
+    return [p for p in (info.weight, info.bias) if p is not None]
 
 
 def freeze_router(model: nn.Module, *, include_adapters: bool = True) -> int:
@@ -230,6 +312,8 @@ def gate_weights(
     forward op for op, so with the router's own indices the result is bit-identical to its
     `router_scores` (before the caller casts to their dtype). Gradients reach the logits.
     """
+    if info.kind == "block_topk":
+        raise ValueError(f"{info.name}: a custom router's gate weights are the block's own")
     if info.kind == "softmax_topk":
         probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights = probs.gather(1, top_k_index)

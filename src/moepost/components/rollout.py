@@ -21,7 +21,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from moepost.components.kv_cache import drop_finished_rows, reserved_cache
+from moepost.components.kv_cache import cache_kwargs, drop_finished_rows, reserved_cache
 from moepost.components.rollout_layout import (  # noqa: F401 (build_training_tensors: re-export)
     build_training_tensors,
     real_positions,
@@ -245,7 +245,7 @@ class HFRolloutEngine:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=real_positions(attention_mask),
-            past_key_values=cache,
+            **cache_kwargs(self.model, cache),
         )
         if self.share_prefix and group_size > 1:
             # Samples of one prompt share its prefix: copy the cache rows instead of recomputing.
@@ -294,7 +294,7 @@ class HFRolloutEngine:
                 input_ids=(tokens if rows is None else tokens[rows])[:, None],
                 attention_mask=mask,
                 position_ids=mask.sum(-1, keepdim=True) - 1,
-                past_key_values=cache,
+                **cache_kwargs(self.model, cache),
             )
             # Sampling draws for all n rows, so its random stream does not depend on `rows`.
             logits = (

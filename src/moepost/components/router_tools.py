@@ -32,6 +32,7 @@ from moepost.components.moe import (
     replay_routing,
     unwrap_model,
 )
+from moepost.components.moe_discovery import set_router_module
 from moepost.components.rollout_routes import rollout_row_routes
 from moepost.components.shared_prefix import PrefixShare
 from moepost.config.schema import MoEConfig
@@ -66,6 +67,7 @@ class RouterTools:
     def __init__(self, model: torch.nn.Module, cfg: MoEConfig) -> None:
         self.model = model
         self.cfg = cfg
+        set_router_module(unwrap_model(model), cfg.router_module)
         self.layers = find_moe_layers(model)
         self.num_layers = len(self.layers)
         self.num_experts = self.layers[0].num_experts if self.layers else 0
@@ -94,6 +96,8 @@ class RouterTools:
         if not self.layers:
             return "no MoE layers (dense model): router tools off"
         kind = self.layers[0].kind
+        if kind == "block_topk":  # the WARN of moe_discovery says more
+            kind += f" at {self.layers[0].name}, not verified: run moepost doctor"
         parts = [
             f"{self.num_layers} MoE layers ({kind}, E={self.num_experts}, K={self.top_k})",
             f"aux coef {self.aux_coef:g}",

@@ -23,6 +23,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from moepost.components.kv_cache import cache_kwargs
 from moepost.components.moe_routers import unwrap_model
 from moepost.components.packing import without_trailing_padding_mask
 
@@ -144,7 +145,7 @@ def shared_prefix_logits(
                 "position_ids": pos[rep, :p],
             }
         ),
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         logits_to_keep=1,
     ).logits  # [u, 1, V]: predicts completion token 0
@@ -155,7 +156,7 @@ def shared_prefix_logits(
         **without_trailing_padding_mask(
             {"input_ids": ids[:, p:], "attention_mask": mask, "position_ids": pos[:, p:]}
         ),
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         use_cache=True,
         logits_to_keep=keep,
     ).logits  # [n, T - 1, V]: position j predicts completion token j + 1

@@ -122,6 +122,9 @@ class MoEConfig:
     collapse_dead_threshold: int = 1
     routing_replay: Literal["none", "r2", "r3"] = "none"
     freeze_router: bool = False
+    # A router moepost has not verified: its class name ("G3MoeTopkRouter") or attribute path
+    # ("mlp.gate"); None: verified classes, else found by shape (docs/moe.md, custom routers).
+    router_module: str | None = None
 
 
 @dataclass

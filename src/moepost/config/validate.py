@@ -38,6 +38,7 @@ def check_all(cfg: Config) -> None:
         resolve_rl_presets(cfg)
         _check_rl(cfg)
     _check_misc(cfg)
+    _check_router_module(cfg)
     _check_data_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
 
@@ -204,4 +205,13 @@ def _check_data_parallel(cfg: Config, world_size: int) -> None:
         raise UserError(
             f"{', '.join(used)}: not applied under distributed.backend=deepspeed (the engine owns "
             "the gradients and clips by optim.max_grad_norm); use backend ddp or fsdp"
+        )
+
+
+def _check_router_module(cfg: Config) -> None:
+    spec = cfg.moe.router_module
+    if spec is not None and (not spec.strip() or spec != spec.strip() or spec.startswith(".")):
+        raise UserError(
+            f"moe.router_module = {spec!r}: expected a router class name (e.g. G3MoeTopkRouter) "
+            "or an attribute path (e.g. mlp.gate)"
         )

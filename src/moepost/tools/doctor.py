@@ -9,6 +9,8 @@ freezing through `RouterTools`), then:
    the gradient norm that reaches the router's trainable parameters (weights or LoRA adapters).
 4. Aux coefficient: the effective `router_aux_loss_coef` and where it comes from.
 5. Expert load of the prompt tokens: normalised entropy and dead experts per layer.
+   (Routers moepost has not verified get two more lines, see `doctor_router`: capture of
+   [tokens, E] logits consistent with the block's top-k, and replay of the model's own routes.)
 6. Train vs rollout: a few completions from `HFRolloutEngine` with the routes of every decode
    step captured, then the training-layout forward: log-prob gap and routing flip rate over the
    completion tokens (and, with `moe.routing_replay=r3`, the gap under replay).
@@ -42,6 +44,7 @@ from moepost.components.rollout import build_training_tensors
 from moepost.components.router_tools import RouterTools
 from moepost.config.schema import Config
 from moepost.tools.doctor_rollout import measure_rollout_gap
+from moepost.tools.doctor_router import custom_router_checks, has_custom_router
 
 Status = Literal["OK", "WARN", "FAIL"]
 NUM_PROMPTS = 4  # prompts in the router probe (checks 2-5)
@@ -145,6 +148,8 @@ def diagnose(config_path: str | None, overrides: list[str]) -> list[Check]:
             probe[0].cap.clear()  # frees the graph the captured logits hold
         checks += _guard("aux coefficient", lambda: _aux_coef_check(s))
         checks += load
+        if has_custom_router(s):  # found by shape or named by moe.router_module
+            checks += _guard("router capture", lambda: custom_router_checks(s))
     checks += _guard("train vs rollout", lambda: _rollout_checks(s))
     checks += _guard("memory", lambda: _memory_check(s))
     return checks
@@ -189,6 +194,9 @@ def _layers_check(s: DoctorSetup) -> Check:
         return Check("MoE layers", "WARN", "no MoE layers: aux loss, monitoring and replay are off")
     info = r.layers[0]
     detail = f"{r.num_layers} MoE layers, {type(info.router).__name__} ({info.kind}), "
+    if info.kind == "block_topk":
+        how = f"moe.router_module '{s.cfg.moe.router_module}'" if s.cfg.moe.router_module else ""
+        detail += f"not verified, taken at {info.name} by {how or 'shape'}, "
     return Check("MoE layers", "OK", detail + f"E={r.num_experts}, K={r.top_k}")
 
 
