@@ -110,8 +110,10 @@ def test_sharded_backends_refuse_rl_and_resume() -> None:
     cfg = Config(stage="sft")
     cfg.distributed.backend = "fsdp"
     check_supported(cfg, _two_ranks(), resume=None)  # FSDP2 SFT is supported
-    with pytest.raises(UserError, match="exact resume .* is implemented for ddp only"):
-        check_supported(cfg, _two_ranks(), resume="auto")
+    check_supported(cfg, _two_ranks(), resume="auto")  # sharded (DCP) resume
+    cfg.optim.master_weights, cfg.train.save_every = "fp32", 2
+    with pytest.raises(UserError, match="sharded checkpoints do not hold fp32 master"):
+        check_supported(cfg, _two_ranks(), resume=None)
     cfg.distributed.backend = "ddp"
     check_supported(cfg, _two_ranks(), resume="auto")
 

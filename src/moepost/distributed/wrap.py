@@ -68,11 +68,17 @@ def check_supported(cfg: Config, ctx: DistContext, *, resume: str | None) -> Non
             f"(distributed.backend={backend}): only the hf engine generates in lock-step; "
             "use generation.backend=hf or distributed.backend=ddp"
         )
-    if resume is not None and backend != "ddp" and ctx.world_size > 1:
+    if resume is not None and backend == "deepspeed" and ctx.world_size > 1:
         raise UserError(
             f"--resume with distributed.backend={backend}: exact resume (optimizer state "
-            "included) is implemented for ddp only; continue from the checkpoint's weights "
-            "with model.policy_name_or_path=<checkpoint dir> or use backend ddp"
+            "included) is implemented for ddp and fsdp only; continue from the checkpoint's "
+            "weights with model.policy_name_or_path=<checkpoint dir> or use backend ddp"
+        )
+    if backend == "fsdp" and cfg.optim.master_weights == "fp32" and cfg.train.save_every:
+        raise UserError(
+            "optim.master_weights=fp32 with distributed.backend=fsdp and train.save_every: "
+            "sharded checkpoints do not hold fp32 master weights yet; set "
+            "optim.master_weights: none or use distributed.backend=ddp"
         )
     if backend == "deepspeed":
         require_deepspeed()
