@@ -45,30 +45,51 @@ def write_dir_atomically(
     `meta` (JSON-able) is stored in the manifest next to the file list (step, config, ...).
     An existing `path` is replaced only once the new folder is complete.
     """
+    tmp = fresh_temp_dir(path)
+    try:
+        write(tmp)
+    except Exception as e:
+        _abandon(tmp, path, e)
+        raise
+    return seal_dir(tmp, path, meta)
+
+
+def fresh_temp_dir(path: Path) -> Path:
+    """An empty `.<name>.tmp` beside `path` (one left by a killed writer is removed)."""
     tmp = path.with_name("." + path.name + ".tmp")
     if tmp.exists():
-        shutil.rmtree(tmp)  # left by a writer that was killed
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def seal_dir(tmp: Path, path: Path, meta: dict[str, Any] | None = None) -> Path:
+    """Finish a folder written into `tmp` (by one process or, for sharded checkpoints, by
+    every rank): fsync its files, write the manifest last, rename it to `path`."""
     try:
-        tmp.mkdir(parents=True)
-        write(tmp)
         files = _sync_and_describe(tmp)
         manifest = {"format": MANIFEST_FORMAT, **(meta or {}), "files": files}
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
         fsync_dir(tmp)
     except Exception as e:
-        free = _free_bytes(path.parent)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if is_disk_full(e):
-            raise DiskFullError(
-                f"disk full while writing {path} ({free} bytes left on the device of "
-                f"{path.parent}): the folder was not written, everything written before is "
-                "intact; free space (or lower logging.keep_last_checkpoints) and continue "
-                "with --resume auto"
-            ) from None
+        _abandon(tmp, path, e)
         raise
     _replace_dir(tmp, path)
     fsync_dir(path.parent)
     return path
+
+
+def _abandon(tmp: Path, path: Path, error: Exception) -> None:
+    """Remove the temporary folder of a failed write; a full disk becomes `DiskFullError`."""
+    free = _free_bytes(path.parent)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if is_disk_full(error):
+        raise DiskFullError(
+            f"disk full while writing {path} ({free} bytes left on the device of "
+            f"{path.parent}): the folder was not written, everything written before is "
+            "intact; free space (or lower logging.keep_last_checkpoints) and continue "
+            "with --resume auto"
+        ) from None
 
 
 def is_disk_full(error: BaseException) -> bool:
