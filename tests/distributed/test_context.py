@@ -95,10 +95,11 @@ def test_sharded_backends_refuse_rl_and_resume() -> None:
     cfg = Config(stage="sft")
     cfg.distributed.backend = "fsdp"
     check_supported(cfg, _two_ranks(), resume=None)  # FSDP2 SFT is supported
-    with pytest.raises(UserError, match="exact resume .* is implemented for ddp only"):
+    with pytest.raises(UserError, match="exact resume .* is implemented for ddp and deepspeed"):
         check_supported(cfg, _two_ranks(), resume="auto")
-    cfg.distributed.backend = "ddp"
-    check_supported(cfg, _two_ranks(), resume="auto")
+    for backend in ("ddp", "deepspeed"):  # DeepSpeed resumes from its engine state
+        cfg.distributed.backend = backend
+        check_supported(cfg, _two_ranks(), resume="auto")
 
 
 def test_generated_deepspeed_config() -> None:

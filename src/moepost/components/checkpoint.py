@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_model_dir(
-    model: torch.nn.Module, tokenizer: Any, path: Path, trainer_state: dict[str, Any] | None = None
+    model: torch.nn.Module,
+    tokenizer: Any,
+    path: Path,
+    trainer_state: dict[str, Any] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Weights (full or adapter) + tokenizer (+ trainer state) in HF format, written atomically."""
+    """Weights (full or adapter) + tokenizer (+ trainer state) in HF format, written atomically.
+
+    `extra_files(tmp)` adds more to the folder before the rename that completes it (the
+    DeepSpeed engine state, `distributed.deepspeed_checkpoint`)."""
     tmp = path.with_name("." + path.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -60,6 +68,8 @@ def save_model_dir(
         tokenizer.save_pretrained(tmp)
     if trainer_state is not None:
         torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+    if extra_files is not None:
+        extra_files(tmp)
     _replace_dir(tmp, path)
     return path
 
@@ -72,10 +82,11 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     *,
     keep_last: int,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write `checkpoint-<step>/` (weights + `trainer_state.pt`) and prune old ones."""
     out = Path(output_dir)
-    final = save_model_dir(model, tokenizer, out / f"checkpoint-{step}", trainer_state)
+    final = save_model_dir(model, tokenizer, out / f"checkpoint-{step}", trainer_state, extra_files)
     prune_checkpoints(out, keep_last)
     return final
 

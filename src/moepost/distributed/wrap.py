@@ -51,11 +51,12 @@ def check_supported(cfg: Config, ctx: DistContext, *, resume: str | None) -> Non
             "so the per-layer all-gathers would not line up); use distributed.backend=ddp or "
             "deepspeed with zero_stage <= 2 for RL"
         )
-    if resume is not None and backend != "ddp" and ctx.world_size > 1:
+    if resume is not None and backend == "fsdp" and ctx.world_size > 1:
         raise UserError(
             f"--resume with distributed.backend={backend}: exact resume (optimizer state "
-            "included) is implemented for ddp only; continue from the checkpoint's weights "
-            "with model.policy_name_or_path=<checkpoint dir> or use backend ddp"
+            "included) is implemented for ddp and deepspeed only; continue from the "
+            "checkpoint's weights with model.policy_name_or_path=<checkpoint dir> or use "
+            "backend ddp"
         )
     if backend == "deepspeed":
         require_deepspeed()

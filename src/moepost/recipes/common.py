@@ -167,6 +167,10 @@ class Optimization:
 def save(
     run: Run, model: torch.nn.Module, tokenizer: Any, opt: Optimization, state: TrainState
 ) -> Path | None:
+    if run.dist is not None and run.dist.engine is not None:  # DeepSpeed: its sharded state too
+        from moepost.distributed import deepspeed_checkpoint
+
+        return deepspeed_checkpoint.save(run, model, tokenizer, opt, state)
     with _full_weights(run, model):
         if not run.is_main:
             return None
@@ -196,10 +200,19 @@ def maybe_resume(
             run.say("resume: no complete checkpoint found, starting from scratch")
         reset_logs(run, after_step=None)
         return TrainState()
-    blob = ckpt.load_trainer_state(path)
-    ckpt.load_weights_into(model, path)
-    opt.load_state_dict(blob["optim"])
-    ckpt.set_rng_state(blob["rng"])
+    if run.dist is not None and run.dist.engine is not None:  # weights, optimizer, RNG per rank
+        from moepost.distributed import deepspeed_checkpoint
+
+        blob = deepspeed_checkpoint.load(run, path, model, opt)
+    else:
+        blob = ckpt.load_trainer_state(path)
+        if "deepspeed" in blob:
+            from moepost.distributed.deepspeed_checkpoint import refuse_engine_state
+
+            refuse_engine_state(path, blob)
+        ckpt.load_weights_into(model, path)
+        opt.load_state_dict(blob["optim"])
+        ckpt.set_rng_state(blob["rng"])
     state = TrainState(**blob["train"])
     reset_logs(run, after_step=state.step)
     run.say(f"resumed from {path} at step {state.step}")
