@@ -316,3 +316,77 @@ def test_finished_rows_leave_the_decode_batch(model, tokenizer, prompts, chunk_r
         assert torch.equal(a[:, fed], b[:, fed]), row
         # Only a row's last token may go unrouted: it left the batch before being fed.
         assert bool(fed[:-1].all()), row
+
+
+class OtherRankRunsLonger:
+    """A stand-in for the other ranks of lock-step generation: they have `chunks` chunks and
+    decode until step `steps` of every chunk (the engine's step callback tells the step)."""
+
+    def __init__(self, chunks: int, steps: int) -> None:
+        self.chunks, self.steps, self.step = chunks, steps, 0
+        self.any_calls = 0
+
+    def at(self, step: int, phase: str) -> None:
+        self.step = step
+
+    def any_true(self, flag: bool) -> bool:
+        self.any_calls += 1
+        return flag or self.step < self.steps
+
+    def max_int(self, value: int) -> int:
+        return max(value, self.chunks)
+
+
+@pytest.mark.parametrize("compact", [True, False])
+def test_lockstep_keeps_stepping_and_changes_nothing(model, tokenizer, prompts, compact):
+    """With `lockstep`, a rank whose rows are done keeps decoding (on one finished row) while
+    another rank runs, and runs the other rank's extra chunks on a dummy prompt; its tokens,
+    log-probs, finish reasons and captured routes equal the free-running loop's exactly, and
+    those extra forwards are tagged idle."""
+    from moepost.components.router_tools import RouterTools
+    from moepost.config.schema import MoEConfig
+
+    eos_ids = list(range(2, 40))  # rows end early and at different steps
+    params = SamplingParams(num_samples_per_prompt=4, max_new_tokens=16, temperature=1.0, seed=5)
+    runs = {}
+    for name in ("free", "lockstep"):
+        other = OtherRankRunsLonger(chunks=3, steps=12) if name == "lockstep" else None
+        eng = engine(
+            model,
+            tokenizer,
+            eos_token_ids=eos_ids,
+            compact_finished=compact,
+            micro_batch_size=8,  # 2 prompts a chunk: 2 chunks here, 3 on the other rank
+            lockstep=other,
+        )
+        calls: list[tuple[int, str, int]] = []
+
+        def callback(s: int, p: str, e=eng, o=other, out=calls) -> None:
+            out.append((s, p, len(e.batch_rows) if e.batch_rows is not None else -1))
+            if o is not None:
+                o.at(s, p)
+
+        eng.step_callback = callback
+        router = RouterTools(model, MoEConfig(routing_replay="r3"))
+        with router.capture_generation(eng) as holder:
+            batch = eng.generate(prompts, params)
+        routes = router.generation_routes(holder, prompts, batch, micro_batch_size=8)
+        runs[name] = (batch, routes, calls, other)
+    (free, free_routes, free_calls, _), (lock, lock_routes, lock_calls, other) = (
+        runs["free"],
+        runs["lockstep"],
+    )
+    assert max(len(c) for c in free.completion_ids) < 12  # the other rank runs longer
+    assert lock.completion_ids == free.completion_ids
+    assert lock.finish_reason == free.finish_reason
+    assert torch.equal(lock.logprobs, free.logprobs)
+    for a, b in zip(lock_routes, free_routes, strict=True):
+        assert torch.equal(a, b)
+    # Every chunk (3: the other rank's count) runs forwards 0..12, then stops with it.
+    assert [s for s, _, _ in lock_calls] == list(range(13)) * 3
+    assert [p for _, p, _ in lock_calls[26:]] == ["idle"] * 13  # the dummy third chunk
+    assert other is not None and other.any_calls == 3 * 13
+    real = [(s, p) for s, p, _ in lock_calls if p != "idle"]
+    assert real == [(s, p) for s, p, _ in free_calls]  # the same real forwards as free-running
+    if compact:  # an all-done rank steps on a single row
+        assert all(n == 1 for _, p, n in lock_calls[1:26] if p == "idle")

@@ -11,7 +11,12 @@ import torch
 
 from moepost.config.load import load_config
 from moepost.config.schema import Config
-from moepost.distributed import DistContext, check_supported, deepspeed_config
+from moepost.distributed import (
+    DistContext,
+    check_supported,
+    deepspeed_config,
+    generation_lockstep,
+)
 from moepost.errors import UserError
 
 
@@ -90,13 +95,28 @@ def _two_ranks() -> DistContext:
 def test_sharded_backends_refuse_rl_and_resume() -> None:
     cfg = Config(stage="rl")
     cfg.distributed.backend = "fsdp"
-    with pytest.raises(UserError, match="shards the weights, but the RL rollout engine"):
+    check_supported(cfg, _two_ranks(), resume=None)  # RL under FSDP2: lock-step generation
+    assert generation_lockstep(cfg, _two_ranks()) is not None
+    assert generation_lockstep(cfg, DistContext()) is None  # one process: free-running
+    cfg.generation.backend = "vllm"
+    with pytest.raises(UserError, match="only the hf engine generates in lock-step"):
         check_supported(cfg, _two_ranks(), resume=None)
+    cfg = Config(stage="rl")
+    cfg.distributed.backend, cfg.distributed.zero_stage = "deepspeed", 3
+    check_supported(cfg, _two_ranks(), resume=None)  # ZeRO-3 RL: lock-step generation too
+    assert generation_lockstep(cfg, _two_ranks()) is not None
+    cfg.distributed.zero_stage = 2
+    assert generation_lockstep(cfg, _two_ranks()) is None  # ZeRO-2: replicated weights
+    cfg.distributed.backend = "ddp"
+    assert generation_lockstep(cfg, _two_ranks()) is None  # replicated weights
     cfg = Config(stage="sft")
     cfg.distributed.backend = "fsdp"
     check_supported(cfg, _two_ranks(), resume=None)  # FSDP2 SFT is supported
-    with pytest.raises(UserError, match="exact resume .* is implemented for ddp and deepspeed"):
-        check_supported(cfg, _two_ranks(), resume="auto")
+    check_supported(cfg, _two_ranks(), resume="auto")  # sharded (DCP) resume
+    cfg.optim.master_weights, cfg.train.save_every = "fp32", 2
+    with pytest.raises(UserError, match="sharded checkpoints do not hold fp32 master"):
+        check_supported(cfg, _two_ranks(), resume=None)
+    cfg.optim.master_weights = "none"
     for backend in ("ddp", "deepspeed"):  # DeepSpeed resumes from its engine state
         cfg.distributed.backend = backend
         check_supported(cfg, _two_ranks(), resume="auto")

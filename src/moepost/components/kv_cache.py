@@ -94,10 +94,14 @@ def drop_finished_rows(
 
     rows: chunk rows the cache holds, in cache order (None: all n); running [n] bool. Returns
     the rows of the next forward. Dropping copies the remaining KV cache rows once, so it waits
-    until enough rows have finished to pay for it.
+    until enough rows have finished to pay for it. With no row running (lock-step generation:
+    other ranks still decode) one finished row stays, so the forward has a batch.
     """
     held = torch.arange(n, device=running.device) if rows is None else rows
     keep = running[held]
+    if not keep.any():
+        keep = torch.zeros_like(keep)
+        keep[0] = True
     if keep.all() or int((~keep).sum()) * 4 < held.numel():
         return rows
     cache.batch_select_indices(keep.nonzero().squeeze(1))

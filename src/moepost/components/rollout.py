@@ -12,6 +12,7 @@ The training layout of the rows (`build_training_tensors`) is in `rollout_layout
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,9 @@ from moepost.components.sampling import sample_tokens
 from moepost.errors import UserError
 
 StepCallback = Callable[[int, str], None]
+# Phase of a forward that only keeps this rank in step with the others (lock-step generation):
+# no row of this rank is running in it, so its routes belong to no row.
+IDLE = "idle"
 _EOS, _STOP, _LENGTH = 1, 2, 3
 _REASONS = {_EOS: "eos", _STOP: "stop", _LENGTH: "length"}
 
@@ -102,6 +106,19 @@ class RolloutBatch:
     routes: list[torch.Tensor] | None = None
 
 
+class LockStep(Protocol):
+    """The two collectives lock-step generation needs (`distributed.DistContext` has them).
+
+    Under sharded weights (FSDP2, ZeRO-3) every forward all-gathers parameters, so all ranks
+    must run the same number of forwards: the same number of chunks, and in each chunk the
+    same number of decode steps. One `any_true` per decode step decides "someone still runs".
+    """
+
+    def any_true(self, flag: bool) -> bool: ...
+
+    def max_int(self, value: int) -> int: ...
+
+
 class RolloutEngine(Protocol):
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> RolloutBatch: ...
 
@@ -162,6 +179,13 @@ class HFRolloutEngine:
         it (their KV cache rows are dropped); `batch_rows` then names the chunk rows each
         forward runs on (None: all), for route capture. Sampling still draws for every row, so
         the random stream is that of the uncompacted loop. False keeps every row to the end.
+    lockstep: the ranks' collectives (see `LockStep`), when every forward is a collective. Then
+        every rank runs as many chunks as the rank with most (extra ones on a one-token dummy
+        prompt) and, within a chunk, decodes until no rank has a running row: a rank whose
+        rows are all done keeps feeding one finished row (outputs ignored; compacted down to
+        it). Those forwards are tagged `IDLE` for the step callback, so route capture gives
+        every row exactly the routes the free-running loop gives it. Tokens and log-probs are
+        unchanged: finished rows are masked, and a step with no running row draws nothing.
 
     Generation runs under torch.no_grad rather than inference_mode: the returned log-probs later
     meet autograd tensors in the loss, and inference tensors cannot be saved for backward.
@@ -180,6 +204,7 @@ class HFRolloutEngine:
         step_callback: StepCallback | None = None,
         share_prefix: bool = True,
         compact_finished: bool = True,
+        lockstep: LockStep | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -193,7 +218,9 @@ class HFRolloutEngine:
         self.step_callback = step_callback
         self.share_prefix = share_prefix
         self.compact_finished = compact_finished
+        self.lockstep = lockstep
         self.batch_rows: torch.Tensor | None = None  # chunk rows of the current forward
+        self._idle = False  # the current forwards only keep this rank in step (lockstep)
 
     def sync_weights(self, model: torch.nn.Module) -> None:
         return None
@@ -215,18 +242,32 @@ class HFRolloutEngine:
         start = time.perf_counter()
         try:
             with torch.no_grad():
+                starts = range(0, len(prompts), per_chunk)
                 chunks = [
                     self._generate_chunk(prompts[i : i + per_chunk], params, generator)
-                    for i in range(0, len(prompts), per_chunk)
+                    for i in starts
                 ]
+                if self.lockstep is not None:
+                    for _ in range(self.lockstep.max_int(len(starts)) - len(starts)):
+                        self._idle_chunk(params)
         finally:
             self.model.train(was_training)
         return self._assemble(prompts, chunks, params, time.perf_counter() - start)
 
+    def _idle_chunk(self, params: SamplingParams) -> None:
+        """A chunk on a one-token dummy prompt, run only to match another rank's chunk count;
+        its own generator leaves this rank's sampling stream alone, its output is dropped."""
+        dummy = dataclasses.replace(params, num_samples_per_prompt=1, stop=[])
+        self._idle = True
+        try:
+            self._generate_chunk([[self.pad_token_id]], dummy, torch.Generator(self.device))
+        finally:
+            self._idle = False
+
     def _forward(self, step: int, phase: str, **inputs: Any) -> torch.Tensor:
         """One model call; returns last-position logits [n, V]."""
         if self.step_callback is not None:
-            self.step_callback(step, phase)
+            self.step_callback(step, IDLE if self._idle else phase)
         out = self.model(**inputs, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1, :]
 
@@ -270,7 +311,10 @@ class HFRolloutEngine:
         tokens_out, logprobs_out = [], []
         for step in range(params.max_new_tokens):
             active = reasons == 0
-            tokens, logprobs = sample_tokens(logits, params, generator)
+            if bool(active.any()):
+                tokens, logprobs = sample_tokens(logits, params, generator)
+            else:  # lock-step, all rows done: draw nothing, so the stream stays the free loop's
+                tokens, logprobs = torch.zeros_like(reasons), torch.zeros_like(lengths).float()
             tokens = torch.where(active, tokens, self.pad_token_id)
             tokens_out.append(tokens)
             logprobs_out.append(torch.where(active, logprobs, 0.0))
@@ -280,7 +324,10 @@ class HFRolloutEngine:
                 self._mark_stops(tokens, reasons, history, params.stop)
             if step == params.max_new_tokens - 1:
                 reasons[reasons == 0] = _LENGTH
-            if bool((reasons != 0).all()):
+            done = bool((reasons != 0).all())
+            if self.lockstep is not None:  # one collective per step: stop when all ranks do
+                done = not self.lockstep.any_true(not done)
+            if done:
                 break
             # A finished row feeds pad with mask 0 (outputs ignored) until it leaves the batch.
             attention_mask = torch.cat([attention_mask, active.long()[:, None]], dim=-1)
@@ -290,7 +337,7 @@ class HFRolloutEngine:
             mask = attention_mask if rows is None else attention_mask[rows]
             out = self._forward(
                 step + 1,
-                "decode",
+                "decode" if bool((reasons == 0).any()) else IDLE,
                 input_ids=(tokens if rows is None else tokens[rows])[:, None],
                 attention_mask=mask,
                 position_ids=mask.sum(-1, keepdim=True) - 1,

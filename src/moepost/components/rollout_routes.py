@@ -4,7 +4,8 @@ The HF engine runs chunks of whole groups: a prefill over the chunk's distinct p
 (left-padded, batch-major rows) shared by their G samples, then one decode call per new token
 over the B_c*G rows still in its batch (all, or the `batch_rows` recorded with the call);
 decode call j feeds completion token j-1. A token that was never fed (a row's last one) gets
--1, which replay treats as "router decides".
+-1, which replay treats as "router decides". Calls tagged "idle" (lock-step generation: this
+rank only keeps in step with the others) end a chunk's decode calls and belong to no row.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def rollout_row_routes(
     for c, call0 in enumerate(starts):
         chunk = prompts[c * per_chunk : (c + 1) * per_chunk]
         p_len = max(len(p) for p in chunk)
-        end = starts[c + 1] if c + 1 < len(starts) else len(phases)
+        end = next((j for j in range(call0 + 1, len(phases)) if phases[j][0] != "decode"), None)
+        end = len(phases) if end is None else end
         prefill = torch.stack([calls[call0] for calls in per_layer])  # [L, Bc*Pc, K]
         prefill = prefill.reshape(num_layers, len(chunk), p_len, top_k)
         decode = [torch.stack([calls[j] for calls in per_layer]) for j in range(call0 + 1, end)]

@@ -12,6 +12,7 @@ from moepost.distributed.wrap import (
     attach_optimizer,
     check_supported,
     deepspeed_config,
+    generation_lockstep,
     prepare_model,
     require_deepspeed,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "check_supported",
     "deepspeed_config",
     "describe",
+    "generation_lockstep",
     "init_distributed",
     "prepare_model",
     "require_deepspeed",

@@ -145,6 +145,13 @@ class DistContext:
             return bool(flag)
         return self.sum_floats([1.0 if flag else 0.0])[0] == self.world_size
 
+    def any_true(self, flag: bool) -> bool:
+        """True when `flag` holds on at least one rank (lock-step generation: "a rank still
+        decodes"); one small all-reduce."""
+        if not self.active or self.world_size == 1:
+            return bool(flag)
+        return self.max_int(1 if flag else 0) == 1
+
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         """Rank `src`'s `obj` on every rank (pickled; for small things such as a path)."""
         if not self.active or self.world_size == 1:

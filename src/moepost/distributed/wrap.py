@@ -36,27 +36,37 @@ def require_deepspeed() -> Any:
     return deepspeed
 
 
+def shards_weights(cfg: Config, ctx: DistContext) -> bool:
+    """Every forward is a collective (per-layer all-gathers of sharded weights): FSDP2 or
+    DeepSpeed ZeRO-3 on more than one rank."""
+    if not ctx.active or ctx.world_size == 1:
+        return False
+    backend = cfg.distributed.backend
+    return backend == "fsdp" or (backend == "deepspeed" and cfg.distributed.zero_stage == 3)
+
+
+def generation_lockstep(cfg: Config, ctx: DistContext) -> DistContext | None:
+    """What the HF rollout engine's `lockstep` takes: the context when the weights are sharded
+    (all ranks must run the same forwards, see `components.rollout.LockStep`), else None."""
+    return ctx if shards_weights(cfg, ctx) else None
+
+
 def check_supported(cfg: Config, ctx: DistContext, *, resume: str | None) -> None:
     """Combinations the loops cannot run correctly, refused before any model is loaded."""
     if not ctx.active:
         return
     backend = cfg.distributed.backend
-    sharded = backend == "fsdp" or (backend == "deepspeed" and cfg.distributed.zero_stage == 3)
-    if cfg.stage == "rl" and sharded and ctx.world_size > 1:
+    if cfg.stage == "rl" and shards_weights(cfg, ctx) and cfg.generation.backend != "hf":
         raise UserError(
-            f"distributed.backend={backend}"
-            + (" with zero_stage=3" if backend == "deepspeed" else "")
-            + " shards the weights, but the RL rollout engine generates on each rank "
-            "independently (different prompts stop after different numbers of decode steps, "
-            "so the per-layer all-gathers would not line up); use distributed.backend=ddp or "
-            "deepspeed with zero_stage <= 2 for RL"
+            f"generation.backend={cfg.generation.backend} with sharded weights "
+            f"(distributed.backend={backend}): only the hf engine generates in lock-step; "
+            "use generation.backend=hf or distributed.backend=ddp"
         )
-    if resume is not None and backend == "fsdp" and ctx.world_size > 1:
+    if backend == "fsdp" and cfg.optim.master_weights == "fp32" and cfg.train.save_every:
         raise UserError(
-            f"--resume with distributed.backend={backend}: exact resume (optimizer state "
-            "included) is implemented for ddp and deepspeed only; continue from the "
-            "checkpoint's weights with model.policy_name_or_path=<checkpoint dir> or use "
-            "backend ddp"
+            "optim.master_weights=fp32 with distributed.backend=fsdp and train.save_every: "
+            "sharded checkpoints do not hold fp32 master weights yet; set "
+            "optim.master_weights: none or use distributed.backend=ddp"
         )
     if backend == "deepspeed":
         require_deepspeed()

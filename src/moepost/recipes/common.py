@@ -153,7 +153,8 @@ class Optimization:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Call after the model weights are restored (masters missing from an older
         checkpoint are rebuilt from them)."""
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "optimizer" in state:  # a sharded checkpoint restored it already
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.pipeline.load_state_dict(state["pipeline"])
         self.calls = int(state.get("calls", self.scheduler.last_epoch))
@@ -171,6 +172,8 @@ def save(
         from moepost.distributed import deepspeed_checkpoint
 
         return deepspeed_checkpoint.save(run, model, tokenizer, opt, state)
+    if _sharded(run):  # FSDP2: every rank writes its shards (distributed.sharded_checkpoint)
+        return _save_sharded(run, model, tokenizer, opt, state)
     with _full_weights(run, model):
         if not run.is_main:
             return None
@@ -183,6 +186,24 @@ def save(
             trainer_state,
             keep_last=run.cfg.logging.keep_last_checkpoints,
         )
+
+
+def _sharded(run: Run) -> bool:
+    return run.dist is not None and run.dist.active and run.dist.backend == "fsdp"
+
+
+def _save_sharded(
+    run: Run, model: torch.nn.Module, tokenizer: Any, opt: Optimization, state: TrainState
+) -> Path:
+    from moepost.distributed.sharded_checkpoint import save_sharded
+
+    # The optimizer's state is in the shards; the rest is the same on every rank.
+    optim = {k: v for k, v in opt.state_dict().items() if k != "optimizer"}
+    trainer_state = {"train": dataclasses.asdict(state), "optim": optim}
+    return save_sharded(
+        run.output_dir, state.step, model, opt.optimizer, tokenizer, trainer_state, run.dist,
+        keep_last=run.cfg.logging.keep_last_checkpoints,
+    )  # fmt: skip
 
 
 def _full_weights(run: Run, model: torch.nn.Module) -> Any:
@@ -210,9 +231,15 @@ def maybe_resume(
             from moepost.distributed.deepspeed_checkpoint import refuse_engine_state
 
             refuse_engine_state(path, blob)
-        ckpt.load_weights_into(model, path)
-        opt.load_state_dict(blob["optim"])
-        ckpt.set_rng_state(blob["rng"])
+        if blob.get("sharded"):  # FSDP2: this rank's model / optimizer shards and RNG
+            from moepost.distributed.sharded_checkpoint import load_sharded
+
+            load_sharded(path, model, opt.optimizer, run.dist)
+            opt.load_state_dict(blob["optim"])
+        else:
+            ckpt.load_weights_into(model, path)
+            opt.load_state_dict(blob["optim"])
+            ckpt.set_rng_state(blob["rng"])
     state = TrainState(**blob["train"])
     reset_logs(run, after_step=state.step)
     run.say(f"resumed from {path} at step {state.step}")

@@ -41,7 +41,12 @@ from moepost.components.rewards.length import overlong_penalty
 from moepost.components.rollout import RolloutBatch, SamplingParams, build_engine
 from moepost.components.router_tools import RouterTools
 from moepost.config.schema import Config
-from moepost.distributed import DistContext, attach_optimizer, prepare_model
+from moepost.distributed import (
+    DistContext,
+    attach_optimizer,
+    generation_lockstep,
+    prepare_model,
+)
 from moepost.errors import UserError
 from moepost.recipes.common import (
     EVAL_LOGS,
@@ -79,8 +84,13 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     )
     model = load_policy(cfg.model, cfg.misc, device=device, for_training=not eval_only)
     router = RouterTools(model, cfg.moe)
+    lockstep = generation_lockstep(cfg, dist)  # sharded weights: all ranks decode in step
     engine = build_engine(
-        cfg.generation.backend, model, tokenizer, micro_batch_size=cfg.generation.micro_batch_size
+        cfg.generation.backend,
+        model,
+        tokenizer,
+        micro_batch_size=cfg.generation.micro_batch_size,
+        **({"lockstep": lockstep} if lockstep is not None else {}),
     )
     run.say(f"model: {describe_parameters(parameter_report(model))}; {router.describe()}")
     attn = getattr(model.config, "_attn_implementation", None)
