@@ -7,7 +7,8 @@ One launch (start-up, imports and DeepSpeed's shm op dominate on CPU) runs in on
   2. the RL update alone under ZeRO-2 / ZeRO-3, GSPO / GRPO, full / LoRA: `policy_update` of
      2 ranks x half the groups through the engine against one process on all groups, then one
      optimizer step (gradients via `deepspeed.utils.safe_get_full_grad`, weights gathered);
-  3. `moepost train RL_CFG` under DeepSpeed (whole RL runs: rollouts, reference, updates);
+  3. `moepost train RL_CFG` under ZeRO-2 and ZeRO-3 (whole RL runs: lock-step rollouts under
+     ZeRO-3, reference log-probs, updates, saves), full and LoRA;
   4. `--resume auto` of the runs the test killed after step 3 (OUT/resume_*), if present.
 Rank 0 writes what the test asserts to OUT/results.json.
 """
@@ -49,11 +50,17 @@ SFT_RUNS: dict[str, list[str]] = {
     ],
     "z3_lora": ["distributed.zero_stage=3", *LORA],
 }
-# Runs the test kills after step 3 -> (config, overrides); their uninterrupted twins are the
-# SFT run "z3" and the RL run "rl_z2" (same overrides). The driver resumes them.
-KILLED: dict[str, tuple[str, list[str]]] = {
-    "resume_sft": ("sft", ["distributed.zero_stage=3"]),
-    "resume_rl": ("rl", ["distributed.zero_stage=2"]),
+# Whole RL runs (rollouts in lock-step under ZeRO-3, reference log-probs, updates, saves)
+RL_RUNS: dict[str, list[str]] = {
+    "rl_z2": ["distributed.zero_stage=2"],  # GRPO, KL to a reference model, R3 replay
+    "rl_z3": ["distributed.zero_stage=3"],
+    "rl_z3_lora": ["distributed.zero_stage=3", "rl.algorithm=gspo", *LORA],  # KL: adapters off
+}
+# Runs the test kills after step 3 -> (config, overrides, uninterrupted twin: same overrides).
+# The driver resumes them.
+KILLED: dict[str, tuple[str, list[str], str]] = {
+    "resume_sft": ("sft", SFT_RUNS["z3"], "z3"),
+    "resume_rl": ("rl", RL_RUNS["rl_z3_lora"], "rl_z3_lora"),
 }
 # name -> (zero stage, algorithm, LoRA)
 UPDATE_CASES: dict[str, tuple[int, str, bool]] = {
@@ -162,7 +169,7 @@ def update_case(rl_cfg: str, rank: int, world: int, stage: int, algorithm: str, 
 
 
 def main() -> None:
-    out, sft_cfg, rl_cfg, rl_runs = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    out, sft_cfg, rl_cfg = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
     tdist.init_process_group("gloo")  # the recipes join it instead of creating their own
     rank, world = tdist.get_rank(), tdist.get_world_size()
     engines: list[dict[str, Any]] = []
@@ -174,14 +181,12 @@ def main() -> None:
         results["sft"][name] = {"exit": code, "engines": engines[first:]}
     for name, (stage, algorithm, lora) in UPDATE_CASES.items():
         results["update"][name] = update_case(rl_cfg, rank, world, stage, algorithm, lora)
-    for spec in rl_runs:  # NAME:override,override
-        name, _, extra = spec.partition(":")
+    for name, extra in RL_RUNS.items():
         first = len(engines)
-        overrides = [o for o in extra.split(",") if o]
-        code = cli_main(["train", rl_cfg, *DS, *overrides, f"logging.output_dir={out / name}"])
+        code = cli_main(["train", rl_cfg, *DS, *extra, f"logging.output_dir={out / name}"])
         results["rl"][name] = {"exit": code, "engines": engines[first:]}
     configs = {"sft": sft_cfg, "rl": rl_cfg}
-    for name, (kind, overrides) in KILLED.items():
+    for name, (kind, overrides, _) in KILLED.items():
         if not (out / name).is_dir():
             continue
         said = io.StringIO()

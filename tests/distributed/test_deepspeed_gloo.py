@@ -3,10 +3,10 @@
 Three launches of `torchrun --nproc_per_node 2` (start-up dominates on CPU; the first one on a
 fresh machine also JIT-builds DeepSpeed's shm comm op, about a minute):
   1. SFT under ZeRO-3, killed (`MOEPOST_CRASH_AFTER_STEP=3`, an `os._exit` after step 3);
-  2. RL (GRPO, KL, R3 replay) under ZeRO-2, killed the same way;
+  2. RL (GSPO LoRA, KL to the base) under ZeRO-3, killed the same way;
   3. `ds_driver.py`: SFT under ZeRO-2 / ZeRO-3 with and without offload, full and LoRA; the RL
      update alone (ZeRO-2 / ZeRO-3 x GSPO / GRPO x full / LoRA) against one process; whole RL
-     runs; and `--resume auto` of the two killed runs.
+     runs under ZeRO-2 and ZeRO-3 (lock-step generation); `--resume auto` of the killed runs.
 The one-process references run in this process.
 """
 
@@ -28,7 +28,7 @@ from moepost.config.load import load_config
 from moepost.recipes.sft import run_sft
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ds_driver import DS, KILLED  # noqa: E402
+from ds_driver import DS, KILLED, RL_RUNS  # noqa: E402
 
 DRIVER = Path(__file__).parent / "ds_driver.py"
 # Per-step values that must agree between 1 and 2 processes (timings and throughput differ).
@@ -105,7 +105,7 @@ def ds(ds_sft_cfg: Path, ds_rl_cfg: Path, workdir: Path) -> dict[str, Any]:
     out.mkdir()
     crash = {"MOEPOST_CRASH_AFTER_STEP": "3"}
     killed = {}
-    for name, (kind, extra) in KILLED.items():
+    for name, (kind, extra, _) in KILLED.items():
         run, cfg = out / name, {"sft": ds_sft_cfg, "rl": ds_rl_cfg}[kind]
         args = ["-m", "moepost", "train", str(cfg), *DS, *extra, f"logging.output_dir={run}"]
         proc = torchrun(args, env=crash)
@@ -115,9 +115,7 @@ def ds(ds_sft_cfg: Path, ds_rl_cfg: Path, workdir: Path) -> dict[str, Any]:
             "checkpoints": sorted(p.name for p in run.iterdir() if p.name.startswith("checkp")),
             "final": (run / "final").exists(),
         }
-    proc = torchrun(
-        [str(DRIVER), str(out), str(ds_sft_cfg), str(ds_rl_cfg), "rl_z2:distributed.zero_stage=2"]
-    )
+    proc = torchrun([str(DRIVER), str(out), str(ds_sft_cfg), str(ds_rl_cfg)])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return {"dir": out, "killed": killed, **json.loads((out / "results.json").read_text())}
 
@@ -175,31 +173,50 @@ def test_rl_update_deepspeed_two_ranks_match_one_process(ds: dict[str, Any], nam
 
 
 @pytest.mark.slow
-def test_rl_deepspeed_zero2_two_ranks_complete(ds: dict[str, Any]) -> None:
-    """A whole GRPO run (KL to the reference, R3 replay) under ZeRO-2: finite logs, the engine
-    saved its state at step 2 and 4, rank 0 wrote the final weights."""
-    assert ds["rl"]["rl_z2"]["exit"] == 0
-    assert [e["stage"] for e in ds["rl"]["rl_z2"]["engines"]] == [2]
-    run = ds["dir"] / "rl_z2"
+@pytest.mark.parametrize("name", list(RL_RUNS))
+def test_rl_deepspeed_two_ranks_complete(ds: dict[str, Any], name: str) -> None:
+    """Whole RL runs under ZeRO-2 and ZeRO-3 (GRPO with KL to a reference model and R3 replay;
+    GSPO LoRA with KL to the adapter-free base): finite logs, the engine saved its state at
+    steps 2 and 4, rank 0 wrote the final weights (gathered under ZeRO-3)."""
+    assert ds["rl"][name]["exit"] == 0
+    stage = 3 if "z3" in name else 2
+    assert [e["stage"] for e in ds["rl"][name]["engines"]] == [stage]
+    run = ds["dir"] / name
     rows = [r for r in log_rows(run) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, RL_STEPS + 1))
     for row in rows:
         for key in ("loss", "grad_norm", "reward/mean", "kl", "moe/load_entropy"):
             assert math.isfinite(row[key]), (row["step"], key)
+    assert any(row["kl"] > 0 for row in rows[1:])  # the policy moved away from the reference
     assert (run / "checkpoint-4" / "deepspeed" / "latest").is_file()
-    assert (run / "final" / "model.safetensors").is_file()
+    lora = "lora" in name
+    assert (
+        (run / "final" / ("adapter_model" if lora else "model"))
+        .with_suffix(".safetensors")
+        .is_file()
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("name", "twin", "steps"), [("resume_sft", "z3", SFT_STEPS), ("resume_rl", "rl_z2", RL_STEPS)]
-)
-def test_deepspeed_kill_and_resume_equals_uninterrupted(
-    ds: dict[str, Any], name: str, twin: str, steps: int
-) -> None:
+def test_rl_zero3_generation_matches_zero2(ds: dict[str, Any]) -> None:
+    """Lock-step decoding under ZeRO-3 samples what free-running ZeRO-2 ranks sample: same
+    seeds, same weights, so the same rewards and losses (up to reduction order)."""
+    z2, z3 = ([r for r in log_rows(ds["dir"] / n) if "loss" in r] for n in ("rl_z2", "rl_z3"))
+    assert len(z2) == len(z3) == RL_STEPS
+    for a, b in zip(z2, z3):
+        assert b["reward/mean"] == a["reward/mean"], a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-6), a["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(KILLED))
+def test_deepspeed_kill_and_resume_equals_uninterrupted(ds: dict[str, Any], name: str) -> None:
     """Killed after step 3 (checkpoint-2 on disk: engine partitions of both ranks, their RNG,
     the data position), `--resume auto` replays step 3 and finishes: every logged loss within
-    rel 1e-6 of the uninterrupted run, final weights within 1e-6."""
+    rel 1e-6 of the uninterrupted run, final weights within 1e-6. SFT: ZeRO-3 full weights;
+    RL: ZeRO-3 GSPO LoRA (lock-step rollouts, the frozen base outside the engine state)."""
+    kind, _, twin = KILLED[name]
+    steps = SFT_STEPS if kind == "sft" else RL_STEPS
     killed = ds["killed"][name]
     assert killed["returncode"] != 0 and killed["steps"] == [1, 2, 3]
     assert killed["checkpoints"] == ["checkpoint-2"] and not killed["final"]
