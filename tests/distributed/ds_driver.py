@@ -49,6 +49,7 @@ SFT_RUNS: dict[str, list[str]] = {
         "distributed.offload_param=true",
     ],
     "z3_lora": ["distributed.zero_stage=3", *LORA],
+    "z3_bf16": ["distributed.zero_stage=3", "model.dtype=bfloat16"],  # DeepSpeed's bf16 path
 }
 # Whole RL runs (rollouts in lock-step under ZeRO-3, reference log-probs, updates, saves)
 RL_RUNS: dict[str, list[str]] = {
