@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source")
     p.add_argument("output")
     p.add_argument("--merge-lora", action="store_true")
+    p.add_argument(
+        "--max-shard-size", default="5GB", help="largest safetensors file (sharded checkpoints)"
+    )
 
     p = sub.add_parser("report", help="plots + report.html from a run's logs")
     p.add_argument("run_dir")
@@ -122,7 +125,9 @@ def _data(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from moepost.tools.export import export_model
 
-    out = export_model(args.source, args.output, merge_lora=args.merge_lora)
+    out = export_model(
+        args.source, args.output, merge_lora=args.merge_lora, max_shard_size=args.max_shard_size
+    )
     print(f"exported to {out}")
     return 0
 

@@ -168,6 +168,8 @@ def collectives_check(rank: int) -> dict[str, Any]:
         "sum": ctx.sum_metrics({"n": rank + 1.0}),
         "all_true_mixed": ctx.all_true(rank == 0),
         "all_true_all": ctx.all_true(True),
+        "any_true_mixed": ctx.any_true(rank == 1),
+        "any_true_none": ctx.any_true(False),
         "shard": ctx.shard(list(range(6))),
         "seed": ctx.sampling_seed(7),
         "broadcast": ctx.broadcast_object({"from": rank}),

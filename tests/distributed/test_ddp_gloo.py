@@ -153,6 +153,7 @@ def test_collectives_two_ranks(driver: dict[str, Any]) -> None:
     assert rank0["mean"] == expected and rank1["mean"] == expected
     assert rank0["sum"] == {"n": 3.0}  # 1 + 2
     assert rank0["all_true_mixed"] is False and rank1["all_true_all"] is True
+    assert rank0["any_true_mixed"] is True and rank1["any_true_none"] is False
     assert rank0["shard"] == [0, 1, 2] and rank1["shard"] == [3, 4, 5]
     assert rank0["seed"] == 7 and rank1["seed"] == 7 + 1_000_003
     assert rank1["broadcast"] == {"from": 0}

@@ -131,7 +131,7 @@ def shared_prefix_off(
         return "rl.shared_prefix is false"
     if cfg.data.packing:
         return "data.packing runs padding-free rows instead"
-    if dist.world_size > 1 and cfg.distributed.backend != "ddp":
+    if dist.world_size > 1 and cfg.distributed.backend not in ("ddp", "fsdp"):
         return f"not yet with distributed.backend {cfg.distributed.backend}"
     for model in models:
         if model is not None and (why := can_share_prefix(model)) is not None:

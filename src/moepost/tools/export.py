@@ -3,7 +3,8 @@
 With `merge_lora`, a PEFT adapter (expert and router adapters included) is folded into its base
 model, so `AutoModelForCausalLM.from_pretrained(out)` needs neither peft nor the base model.
 Without it, the adapter or full weights are copied with the tokenizer, leaving the training state
-(optimizer, RNG, trainer_state) behind.
+(optimizer, RNG, trainer_state) behind. A sharded FSDP2 checkpoint (`dcp/` shards) is read on
+one process and written as safetensors files of at most `max_shard_size` each.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from moepost.components.model import ADAPTER_CONFIG, hub_kwargs
 from moepost.config.schema import MiscConfig
+from moepost.distributed.sharded_checkpoint import is_sharded
 from moepost.errors import UserError
 
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -87,6 +89,7 @@ def export_model(
     merge_lora: bool,
     cache_dir: str | None = None,
     trust_remote_code: bool = False,
+    max_shard_size: str = "5GB",
 ) -> Path:
     """Write the model of run / checkpoint `src` to `out` and return `out`.
 
@@ -100,6 +103,16 @@ def export_model(
         raise UserError(f"export: the output folder '{out}' is the checkpoint itself")
     misc = MiscConfig(huggingface_cache_dir=cache_dir)
     is_adapter = (ckpt / ADAPTER_CONFIG).is_file()
+    if is_sharded(ckpt):  # FSDP2 checkpoint: weights only in the DCP shards
+        from moepost.tools.export_sharded import export_sharded
+
+        base = _adapter_base(ckpt) if is_adapter else None
+        export_sharded(
+            ckpt, out, base=base, merge_lora=merge_lora, misc=misc,
+            trust_remote_code=trust_remote_code, max_shard_size=max_shard_size,
+        )  # fmt: skip
+        _save_tokenizer(ckpt, base, out, misc, trust_remote_code)
+        return out
     if not is_adapter or not merge_lora:
         _copy_model_files(ckpt, out)
         if not any(p.name.startswith("tokenizer") for p in out.iterdir()):

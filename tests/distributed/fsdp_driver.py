@@ -1,0 +1,112 @@
+"""Worker for the FSDP2 RL / resume tests: `torchrun --nproc_per_node 2 fsdp_driver.py OUT SPEC`.
+
+SPEC (JSON) names the `moepost train` runs of this launch, in order, each [name, argv,
+crash_after_step or null]; a run with a crash step (`MOEPOST_CRASH_AFTER_STEP`, the test hook
+that `os._exit`s after that step) must be the last one. With "update_check": RL_CFG the launch
+also compares `policy_update` + optimizer step of 2 FSDP2 ranks x half the groups with one
+process on all groups. Rank 0 writes OUT/results.json before any crash run starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as tdist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+from moepost.cli import main as cli_main
+from moepost.components.model import load_policy
+from moepost.components.router_tools import RouterTools
+from moepost.config.load import load_config
+from moepost.distributed import init_distributed, prepare_model
+from moepost.recipes.common import Optimization
+from moepost.recipes.rl_update import logprob_pass, plan_micro_batches, policy_update
+
+sys.path.insert(0, str(Path(__file__).parent))
+from dist_driver import rows, step_tensors  # noqa: E402
+
+LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
+CPU = torch.device("cpu")
+
+
+def _one_case(rl_cfg: str, name: str, extra: list[str], rank: int, world: int) -> dict[str, Any]:
+    algorithm, lora, shared = name.split("_")[0], "_lora" in name, "_shared" in name
+    overrides = [
+        f"rl.algorithm={algorithm}", "rl.kl_coef=0.05", "moe.aux_loss_scope=global",
+        "moe.routing_replay=none", "train.micro_batch_size=2", *extra,
+    ]  # fmt: skip
+    cfg = load_config(rl_cfg, overrides)
+    prompts, completions, adv = rows(seed=11, shared=shared)
+    torch.manual_seed(0)  # LoRA's A matrices: the same initialisation on both sides
+    one = load_policy(cfg.model, cfg.misc, device=CPU)
+    opt_one = Optimization(one, cfg, 10)
+    t = step_tensors(prompts, completions, adv, 0)
+    if lora:  # the reference is the policy with its adapters off
+        t.ref_logprobs = logprob_pass(one, t, cfg, disable_adapter=True)
+    before = {k: v.detach().clone() for k, v in one.state_dict().items()}
+    m_one = policy_update(one, t, cfg, RouterTools(one, cfg.moe), update_index=0)
+    m_one.update(opt_one.step())
+    cfg.distributed.enabled, cfg.distributed.backend = True, "fsdp"
+    ctx = init_distributed(cfg, CPU)
+    torch.manual_seed(0)
+    model = load_policy(cfg.model, cfg.misc, device=CPU)
+    router = RouterTools(model, cfg.moe)
+    prepare_model(model, cfg, ctx)
+    opt = Optimization(model, cfg, 10)
+    per = len(prompts) // world
+    mine = slice(rank * per, (rank + 1) * per)
+    local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
+    local.shared_prefix = shared
+    local.micro_batches = plan_micro_batches(local, cfg, ctx)
+    ref_diff = 0.0
+    if lora:
+        local.ref_logprobs = logprob_pass(model, local, cfg, disable_adapter=True)
+        ref_diff = float((local.ref_logprobs - t.ref_logprobs[mine]).abs().max())
+    m = policy_update(model, local, cfg, router, update_index=0, dist=ctx)
+    m.update(ctx.optimizer_step(opt))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    one_sd = one.state_dict()
+    assert sorted(full) == sorted(one_sd), "parameter names differ"
+    moved = max(float((one_sd[k] - before[k]).abs().max()) for k in one_sd)
+    return {
+        "weights_max_diff": max(float((full[k] - one_sd[k]).abs().max()) for k in full),
+        "weights_moved": moved,  # how far the step moved the weights (not vacuous)
+        "ref_logprobs_max_diff": ref_diff,
+        **{key: [m_one.get(key), m.get(key)] for key in ("loss", "kl", "clip_frac", "aux_loss")},
+        "grad_norm": [m_one["grad_norm"], m["grad_norm"]],
+    }
+
+
+def update_check(rl_cfg: str, rank: int, world: int) -> dict[str, Any]:
+    """GSPO and GRPO, full and LoRA (reference: adapters disabled), and shared prefixes."""
+    cases = {"gspo": [], "grpo": [], "gspo_lora": LORA, "grpo_lora": LORA, "gspo_shared": []}
+    return {name: _one_case(rl_cfg, name, extra, rank, world) for name, extra in cases.items()}
+
+
+def main() -> None:
+    out, spec = Path(sys.argv[1]), json.loads(Path(sys.argv[2]).read_text())
+    tdist.init_process_group("gloo")  # the recipes join it instead of creating their own
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    results: dict[str, Any] = {}
+    if spec.get("update_check"):
+        results["update"] = update_check(spec["update_check"], rank, world)
+    for name, argv, crash in spec["runs"]:
+        if crash is not None:  # the last run: results first, it never returns
+            if rank == 0:
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+            tdist.barrier()
+            os.environ["MOEPOST_CRASH_AFTER_STEP"] = str(crash)
+        results[name] = cli_main(argv)
+    if rank == 0:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+    tdist.barrier()
+    tdist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
