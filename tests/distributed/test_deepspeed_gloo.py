@@ -2,7 +2,8 @@
 
 Three launches of `torchrun --nproc_per_node 2` (start-up dominates on CPU; the first one on a
 fresh machine also JIT-builds DeepSpeed's shm comm op, about a minute):
-  1. SFT under ZeRO-3, killed (`MOEPOST_CRASH_AFTER_STEP=3`, an `os._exit` after step 3);
+  1. SFT under ZeRO-3 started by DeepSpeed's own launcher, killed after step 3 (`os._exit`
+     from the test-only hook in exit_hook/sitecustomize.py);
   2. RL (GSPO LoRA, KL to the base) under ZeRO-3, killed the same way;
   3. `ds_driver.py`: SFT under ZeRO-2 / ZeRO-3 with and without offload, full and LoRA; the RL
      update alone (ZeRO-2 / ZeRO-3 x GSPO / GRPO x full / LoRA) against one process; whole RL
@@ -32,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ds_driver import DS, KILLED, RL_RUNS  # noqa: E402
 
 DRIVER = Path(__file__).parent / "ds_driver.py"
+EXIT_HOOK = Path(__file__).parent / "exit_hook"
 # Per-step values that must agree between 1 and 2 processes (timings and throughput differ).
 COMPARED = ("loss", "token_accuracy", "aux_loss", "grad_norm", "lr", "moe/load_entropy", "epoch")
 SFT_STEPS = 5
@@ -149,7 +151,9 @@ def one_process(ds_sft_cfg: Path, workdir: Path) -> dict[str, Path]:
 def ds(ds_sft_cfg: Path, ds_rl_cfg: Path, workdir: Path) -> dict[str, Any]:
     out = workdir / "ds"
     out.mkdir()
-    crash = {"MOEPOST_CRASH_AFTER_STEP": "3"}
+    # the test-only exit hook (exit_hook/sitecustomize.py): every rank dies after step 3
+    path = os.pathsep.join(p for p in (str(EXIT_HOOK), os.environ.get("PYTHONPATH")) if p)
+    crash = {"MOEPOST_TEST_EXIT_AFTER_STEP": "3", "PYTHONPATH": path}
     killed = {}
     for name, (kind, extra, _) in KILLED.items():
         run, cfg = out / name, {"sft": ds_sft_cfg, "rl": ds_rl_cfg}[kind]
