@@ -103,8 +103,10 @@ def test_sharded_backends_refuse_rl_and_resume() -> None:
         check_supported(cfg, _two_ranks(), resume=None)
     cfg = Config(stage="rl")
     cfg.distributed.backend, cfg.distributed.zero_stage = "deepspeed", 3
-    with pytest.raises(UserError, match="RL under ZeRO-3 is not supported yet"):
-        check_supported(cfg, _two_ranks(), resume=None)
+    check_supported(cfg, _two_ranks(), resume=None)  # ZeRO-3 RL: lock-step generation too
+    assert generation_lockstep(cfg, _two_ranks()) is not None
+    cfg.distributed.zero_stage = 2
+    assert generation_lockstep(cfg, _two_ranks()) is None  # ZeRO-2: replicated weights
     cfg.distributed.backend = "ddp"
     assert generation_lockstep(cfg, _two_ranks()) is None  # replicated weights
     cfg = Config(stage="sft")
@@ -114,8 +116,10 @@ def test_sharded_backends_refuse_rl_and_resume() -> None:
     cfg.optim.master_weights, cfg.train.save_every = "fp32", 2
     with pytest.raises(UserError, match="sharded checkpoints do not hold fp32 master"):
         check_supported(cfg, _two_ranks(), resume=None)
-    cfg.distributed.backend = "ddp"
-    check_supported(cfg, _two_ranks(), resume="auto")
+    cfg.optim.master_weights = "none"
+    for backend in ("ddp", "deepspeed"):  # DeepSpeed resumes from its engine state
+        cfg.distributed.backend = backend
+        check_supported(cfg, _two_ranks(), resume="auto")
 
 
 def test_generated_deepspeed_config() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -77,10 +78,13 @@ def save_model_dir(
     path: Path,
     trainer_state: dict[str, Any] | None = None,
     meta: dict[str, Any] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Weights (full or adapter) + tokenizer (+ trainer state) in HF format, written atomically.
 
-    `meta` (step, resolved config) goes into the folder's manifest.
+    `meta` (step, resolved config) goes into the folder's manifest; `extra_files(tmp)` adds more
+    to the folder before it is sealed (the DeepSpeed engine state,
+    `distributed.deepspeed_checkpoint`), so those files are in the manifest too.
     """
 
     def write(tmp: Path) -> None:
@@ -89,6 +93,8 @@ def save_model_dir(
             tokenizer.save_pretrained(tmp)
         if trainer_state is not None:
             torch.save({**trainer_state, "rng": rng_state()}, tmp / STATE_FILE)
+        if extra_files is not None:
+            extra_files(tmp)
 
     return write_dir_atomically(path, write, meta)
 
@@ -102,11 +108,14 @@ def save_checkpoint(
     *,
     keep_last: int,
     config: dict[str, Any] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write `checkpoint-<step>/` (weights + `trainer_state.pt`) and prune old ones."""
     out = Path(output_dir)
     meta = {"step": step, "config": config}
-    final = save_model_dir(model, tokenizer, out / f"checkpoint-{step}", trainer_state, meta)
+    final = save_model_dir(
+        model, tokenizer, out / f"checkpoint-{step}", trainer_state, meta, extra_files
+    )
     prune_checkpoints(out, keep_last)
     return final
 

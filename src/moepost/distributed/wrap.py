@@ -56,23 +56,11 @@ def check_supported(cfg: Config, ctx: DistContext, *, resume: str | None) -> Non
     if not ctx.active:
         return
     backend = cfg.distributed.backend
-    if cfg.stage == "rl" and backend == "deepspeed" and shards_weights(cfg, ctx):
-        raise UserError(
-            "distributed.backend=deepspeed with zero_stage=3 shards the weights, and RL under "
-            "ZeRO-3 is not supported yet; use distributed.backend=fsdp (lock-step "
-            "generation), ddp, or deepspeed with zero_stage <= 2 for RL"
-        )
     if cfg.stage == "rl" and shards_weights(cfg, ctx) and cfg.generation.backend != "hf":
         raise UserError(
             f"generation.backend={cfg.generation.backend} with sharded weights "
             f"(distributed.backend={backend}): only the hf engine generates in lock-step; "
             "use generation.backend=hf or distributed.backend=ddp"
-        )
-    if resume is not None and backend == "deepspeed" and ctx.world_size > 1:
-        raise UserError(
-            f"--resume with distributed.backend={backend}: exact resume (optimizer state "
-            "included) is implemented for ddp and fsdp only; continue from the checkpoint's "
-            "weights with model.policy_name_or_path=<checkpoint dir> or use backend ddp"
         )
     if backend == "fsdp" and cfg.optim.master_weights == "fp32" and cfg.train.save_every:
         raise UserError(

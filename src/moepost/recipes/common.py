@@ -177,6 +177,10 @@ class Optimization:
 def save(
     run: Run, model: torch.nn.Module, tokenizer: Any, opt: Optimization, state: TrainState
 ) -> Path | None:
+    if run.dist is not None and run.dist.engine is not None:  # DeepSpeed: its sharded state too
+        from moepost.distributed import deepspeed_checkpoint
+
+        return deepspeed_checkpoint.save(run, model, tokenizer, opt, state)
     if _sharded(run):  # FSDP2: every rank writes its shards (distributed.sharded_checkpoint)
         return _save_sharded(run, model, tokenizer, opt, state)
     with _full_weights(run, model):
@@ -231,16 +235,25 @@ def maybe_resume(
             run.say("resume: no complete checkpoint found, starting from scratch")
         reset_logs(run, after_step=None)
         return TrainState()
-    blob = ckpt.load_trainer_state(path)
-    if blob.get("sharded"):  # FSDP2: this rank's model / optimizer shards and RNG
-        from moepost.distributed.sharded_checkpoint import load_sharded
+    if run.dist is not None and run.dist.engine is not None:  # weights, optimizer, RNG per rank
+        from moepost.distributed import deepspeed_checkpoint
 
-        load_sharded(path, model, opt.optimizer, run.dist)
-        opt.load_state_dict(blob["optim"])
+        blob = deepspeed_checkpoint.load(run, path, model, opt)
     else:
-        ckpt.load_weights_into(model, path)
-        opt.load_state_dict(blob["optim"])
-        ckpt.set_rng_state(blob["rng"])
+        blob = ckpt.load_trainer_state(path)
+        if "deepspeed" in blob:
+            from moepost.distributed.deepspeed_checkpoint import refuse_engine_state
+
+            refuse_engine_state(path, blob)
+        if blob.get("sharded"):  # FSDP2: this rank's model / optimizer shards and RNG
+            from moepost.distributed.sharded_checkpoint import load_sharded
+
+            load_sharded(path, model, opt.optimizer, run.dist)
+            opt.load_state_dict(blob["optim"])
+        else:
+            ckpt.load_weights_into(model, path)
+            opt.load_state_dict(blob["optim"])
+            ckpt.set_rng_state(blob["rng"])
     state = TrainState(**blob["train"])
     reset_logs(run, after_step=state.step)
     run.say(f"resumed from {path} at step {state.step}")
