@@ -156,6 +156,9 @@ class TrainConfig:
     save_every: int = 0
     seed: int = 42
     eval_metric: str | None = None
+    # > 0: the LM head runs this many scored tokens at a time inside the loss and again in
+    # backward (no [B, T, V] logits); 0: full logits, as before
+    lm_head_chunk_rows: int = 1024
 
 
 @dataclass
