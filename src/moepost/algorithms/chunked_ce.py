@@ -25,10 +25,9 @@ from moepost.algorithms.logprobs import _check_options, _compute_dtype, _scaled_
 
 def _entropy(x: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
     """[c] entropy of softmax(x) for [c, V] float32 x with [c] logsumexp `lse`."""
-    probs = torch.exp(x - lse[:, None])
+    probs = torch.sub(x, lse[:, None]).exp_()
     # -inf logits (masked vocabulary) have p = 0; the clamp keeps 0 * -inf from becoming NaN.
-    x_finite = x.clamp(min=torch.finfo(x.dtype).min)
-    return lse - (probs * x_finite).sum(dim=-1)
+    return lse - probs.mul_(x.clamp(min=torch.finfo(x.dtype).min)).sum(dim=-1)
 
 
 def _chunk_stats(
@@ -156,25 +155,31 @@ def _chunk_grad(
 ) -> torch.Tensor:
     """[c, V] d loss / d z of one chunk (float32), from its recomputed logits `z`.
     g_ent: (upstream gradient, entropy, unclipped logsumexp) of the chunk's rows."""
+    # In-place steps throughout: at most three [c, V] float32 blocks are alive at once.
     x = _scaled_chunk(z, temperature, None)
-    dx = torch.zeros_like(x)
+    dx: torch.Tensor | None = None
     zero_rows = torch.ones_like(lse, dtype=torch.bool)
     if g_lp is not None:
         x_clipped = x if clip is None else x.clamp(-clip, clip)
-        d_lp = torch.exp(x_clipped - lse[:, None]).mul_(-g_lp[:, None])
-        d_lp.scatter_add_(-1, labels[:, None], g_lp[:, None])
+        dx = torch.sub(x_clipped, lse[:, None]).exp_().mul_(-g_lp[:, None])
+        del x_clipped
+        dx.scatter_add_(-1, labels[:, None], g_lp[:, None])
         if clip is not None:
-            d_lp.mul_(x.abs() <= clip)  # a clamped logit passes no gradient
-        dx += d_lp
+            dx.masked_fill_(x.abs() > clip, 0.0)  # a clamped logit passes no gradient
         zero_rows &= g_lp == 0
     if g_ent is not None:
         g, ent, lse_all = g_ent
-        logp = x - lse_all[:, None]
-        probs = torch.exp(logp)
-        logp = logp.clamp(min=torch.finfo(logp.dtype).min)  # p = 0 where logp = -inf
-        dx.sub_(probs * (logp + ent[:, None]) * g[:, None])
+        logp = torch.sub(x, lse_all[:, None])
+        probs = logp.exp()
+        # -p (log p + H) g; the clamp: p = 0 where log p = -inf
+        d_ent = logp.clamp_(min=torch.finfo(logp.dtype).min).add_(ent[:, None])
+        d_ent.mul_(probs).mul_(g[:, None])
+        del probs
+        dx = d_ent.neg_() if dx is None else dx.sub_(d_ent)
         zero_rows &= g == 0
-    dx = torch.where(zero_rows[:, None], torch.zeros_like(dx), dx)
+    if dx is None:
+        dx = torch.zeros_like(x)
+    dx.masked_fill_(zero_rows[:, None], 0.0)
     if temperature != 1.0:
         dx.div_(temperature)
     return dx

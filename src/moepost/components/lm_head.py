@@ -76,7 +76,7 @@ class HeadRequest:
     temperature: float = 1.0
     logits_clip: float | None = None
     logprob_min: float | None = None
-    chunk_size: int = 1024
+    chunk_size: int = 256
     with_entropy: bool = False
     valid: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
