@@ -89,7 +89,7 @@ def place_reward_models(
     run-log line per model placed."""
     lines = []
     for reward in reward_fns:
-        kind = reward.fn.__name__.removesuffix("_reward")
+        kind = getattr(reward.fn, "__name__", "").removesuffix("_reward")
         if kind not in REWARD_MODEL_KINDS:
             continue
         section = getattr(reward_cfg, kind, None) or {}

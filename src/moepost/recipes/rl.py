@@ -27,6 +27,7 @@ import torch
 
 from moepost.algorithms.advantages import group_advantages, rewards_to_tensor
 from moepost.components.data import load_rl_data
+from moepost.components.lm_head import describe_head
 from moepost.components.logging import Console
 from moepost.components.lora import describe_parameters, parameter_report
 from moepost.components.model import load_policy, load_reference, load_tokenizer
@@ -97,11 +98,16 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
         return _evaluate(run, engine, eval_set or train_set, reward_fns, step=0)
 
     reference = None
+    ref_device = gpu_ids_device(
+        cfg.model.reference_gpu_ids, key="model.reference_gpu_ids", world_size=dist.world_size
+    )
     if cfg.rl.kl_coef:
-        ref_device = gpu_ids_device(
-            cfg.model.reference_gpu_ids, key="model.reference_gpu_ids", world_size=dist.world_size
-        )
         reference = load_reference(cfg.model, cfg.misc, device=ref_device or device, needed=True)
+    if ref_device is not None and reference is None:
+        raise UserError(
+            "model.reference_gpu_ids: this run loads no separate reference model (rl.kl_coef "
+            "is 0, or LoRA uses the policy with its adapter off); remove the key"
+        )
     total = cfg.train.max_steps or max(1, len(train_set) // cfg.train.prompts_per_step)
     train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
     opt = Optimization(model, cfg, total)
@@ -109,6 +115,7 @@ def run_rl(cfg: Config, *, resume: str | None = None, eval_only: bool = False) -
     state = maybe_resume(run, resume, model, opt)
     no_sharing = shared_prefix_off(cfg, dist, train_model, reference)
     run.say(f"shared-prefix forwards: {'on' if no_sharing is None else f'off ({no_sharing})'}")
+    run.say(describe_head(train_model, cfg.train.lm_head_chunk_rows))
     noise = NoiseInjector(model, cfg.noise_injection, total, cfg.train.seed)
     console = Console(total, cfg.rl.algorithm, enabled=run.is_main)
     last: dict[str, Any] = {}
