@@ -67,3 +67,39 @@ def test_chunked_head_equals_full_logits(tiny_model: Path, layout: str, algorith
     assert grads.keys() == g_full.keys() and len(grads) > 10
     for name, g in grads.items():
         torch.testing.assert_close(g, g_full[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared"])
+def test_overflowing_row_is_dropped_with_finite_gradients(tiny_model: Path, layout: str) -> None:
+    """Row 0's final hidden state is huge but finite, so its head output overflows to inf (an
+    fp16 head can): both paths drop the sample, count its tokens and give equal, finite
+    gradients (the chunked backward returns an exact zero for the row `torch.where` cut)."""
+    runs = []
+    for chunk_rows in (0, 2):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+        def overflow(_m: torch.nn.Module, _i: object, out: torch.Tensor) -> torch.Tensor:
+            if out.shape[0] == 6:  # the completion forward of all six rows
+                out = out.clone()
+                out[0] = 3e38
+            return out
+
+        model.model.norm.register_forward_hook(overflow)
+        with torch.no_grad():
+            model.lm_head.weight[7] = 1.0  # token 7's logit of row 0: 64 x 3e38 = inf
+        cfg, t = _cfg(chunk_rows, "grpo"), _tensors(layout)
+        cfg.train.micro_batch_size = 6
+        # the clamp and the floor would turn the inf logit and the -inf log-probs finite
+        cfg.stability.logits_clip = cfg.stability.logprob_min = None
+        logged = policy_update(model, t, cfg, RouterTools(model, cfg.moe), update_index=0)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((logged, grads))
+    (full, g_full), (chunked, grads) = runs
+    assert full["stability/nonfinite_tokens"] == chunked["stability/nonfinite_tokens"] == 4
+    for key in ("loss", "entropy", "kl"):
+        assert chunked[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+    for name, g in grads.items():
+        assert bool(torch.isfinite(g).all()), name
+        scale = float(g_full[name].abs().max())  # token 7's unit head row makes some grads ~40
+        torch.testing.assert_close(g, g_full[name], rtol=1e-5, atol=1e-6 * scale, msg=name)
