@@ -60,3 +60,36 @@ def sft_loss(
             "token_accuracy": correct.to(torch.float32) / count.clamp(min=1),
         }
     return loss, metrics
+
+
+def sft_loss_from_logprobs(
+    logprobs: torch.Tensor,
+    correct: torch.Tensor,
+    *,
+    keep: torch.Tensor | None = None,
+    num_global_tokens: Normaliser | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`sft_loss` from the log-probs of the N target tokens alone (the chunked LM head's output).
+
+    logprobs: [N] float; correct: [N] bool, argmax == label; keep: [N] bool, tokens that stay
+    in the loss (default all): the others are cut out of the graph with `torch.where`, so a
+    NaN there sends an exact zero gradient back, and they leave num_tokens and the accuracy,
+    but not `num_global_tokens`. Returns (loss, metrics) as `sft_loss` does.
+    """
+    if keep is not None:
+        logprobs = torch.where(keep, logprobs, torch.zeros_like(logprobs))
+        correct = correct & keep
+    loss_sum = -logprobs.sum()
+    num_tokens = torch.as_tensor(
+        logprobs.numel() if keep is None else keep.sum(), device=logprobs.device
+    )
+    denominator = num_tokens if num_global_tokens is None else num_global_tokens
+    denominator = torch.as_tensor(denominator, dtype=loss_sum.dtype, device=loss_sum.device)
+    loss = loss_sum / denominator.clamp(min=1)
+    count = num_tokens.to(torch.float32)
+    metrics = {
+        "num_tokens": count,
+        "loss_sum": loss_sum.detach(),
+        "token_accuracy": correct.sum().to(torch.float32) / count.clamp(min=1),
+    }
+    return loss, metrics

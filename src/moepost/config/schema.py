@@ -46,6 +46,9 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # The seed pipeline's explicit GPUs of a single-process run (one id each; components.placement)
+    policy_gpu_ids: list[int] | None = None
+    reference_gpu_ids: list[int] | None = None
 
 
 @dataclass
@@ -170,6 +173,9 @@ class TrainConfig:
     save_on_signal: bool = True
     seed: int = 42
     eval_metric: str | None = None
+    # > 0: the LM head runs this many scored tokens at a time inside the loss and again in
+    # backward (no [B, T, V] logits); 0: full logits, as before
+    lm_head_chunk_rows: int = 256
 
 
 @dataclass

@@ -81,12 +81,30 @@ def start_run(cfg: Config, device: torch.device, *, eval_only: bool = False) -> 
     return Run(cfg=cfg, output_dir=out, device=device, logger=logger, is_main=rank == 0)
 
 
+def policy_device(cfg: Config) -> torch.device:
+    """`misc.device`, or the one GPU of `model.policy_gpu_ids` (single-process runs)."""
+    from moepost.components.model import resolve_device
+    from moepost.components.placement import gpu_ids_device
+    from moepost.errors import UserError
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    key = "model.policy_gpu_ids"
+    device = gpu_ids_device(cfg.model.policy_gpu_ids, key=key, world_size=world)
+    if device is None:
+        return resolve_device(cfg.misc.device)
+    if cfg.misc.device not in ("auto", "cuda", str(device)):
+        raise UserError(
+            f"{key} = {cfg.model.policy_gpu_ids} and misc.device = "
+            f"{cfg.misc.device} disagree; set only one of them"
+        )
+    return device
+
+
 def open_run(
     cfg: Config, *, resume: str | None, eval_only: bool, allow_config_change: bool = False
 ) -> Run:
     """Seed, check the run directory (earlier run, checkpoint to resume, changed config), pick
     the device, join the process group (if any), create the run directory."""
-    from moepost.components.model import resolve_device
     from moepost.distributed import describe, init_distributed
 
     seed_everything(cfg.train.seed)
@@ -94,7 +112,7 @@ def open_run(
     resume_from = None
     if not eval_only:
         resume_from = prepare_run_dir(cfg, resume, allow_config_change=allow_config_change)
-    dist = init_distributed(cfg, resolve_device(cfg.misc.device), resume=resume)
+    dist = init_distributed(cfg, policy_device(cfg), resume=resume)
     run = start_run(cfg, dist.device, eval_only=eval_only)
     run.dist = dist
     run.resume_checked, run.resume_from = not eval_only, resume_from

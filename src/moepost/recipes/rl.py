@@ -19,16 +19,19 @@ Launch: `moepost train configs/rl/....yaml` on one device, or under
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
 import torch
 
 from moepost.algorithms.advantages import group_advantages, rewards_to_tensor
+from moepost.components.lm_head import describe_head
 from moepost.components.logging import Console
 from moepost.components.lora import describe_parameters, parameter_report
 from moepost.components.model import load_policy, load_reference, load_tokenizer
 from moepost.components.noise import NoiseInjector
+from moepost.components.placement import gpu_ids_device, place_reward_models
 from moepost.components.rewards import (
     RewardScores,
     raise_if_all_none,
@@ -88,6 +91,8 @@ def run_rl(
     reward_fns = resolve_rewards(
         cfg.reward.functions, metricx=cfg.reward.metricx, xcomet=cfg.reward.xcomet
     )
+    for line in place_reward_models(reward_fns, cfg.reward, device):  # each rank its own
+        run.say(line)
     model = load_policy(cfg.model, cfg.misc, device=device, for_training=not eval_only)
     router = RouterTools(model, cfg.moe)
     lockstep = generation_lockstep(cfg, dist)  # sharded weights: all ranks decode in step
@@ -109,8 +114,16 @@ def run_rl(
         return _evaluate(run, engine, eval_set or train_set.all_examples(), reward_fns, step=0)
 
     reference = None
+    ref_device = gpu_ids_device(
+        cfg.model.reference_gpu_ids, key="model.reference_gpu_ids", world_size=dist.world_size
+    )
     if cfg.rl.kl_coef:
-        reference = load_reference(cfg.model, cfg.misc, device=device, needed=True)
+        reference = load_reference(cfg.model, cfg.misc, device=ref_device or device, needed=True)
+    if ref_device is not None and reference is None:
+        raise UserError(
+            "model.reference_gpu_ids: this run loads no separate reference model (rl.kl_coef "
+            "is 0, or LoRA uses the policy with its adapter off); remove the key"
+        )
     total = total_steps(cfg, None if train_set.streaming else len(train_set))
     train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
     opt = Optimization(model, cfg, total)
@@ -119,6 +132,7 @@ def run_rl(
     train_set.restore(state)
     no_sharing = shared_prefix_off(cfg, dist, train_model, reference)
     run.say(f"shared-prefix forwards: {'on' if no_sharing is None else f'off ({no_sharing})'}")
+    run.say(describe_head(train_model, cfg.train.lm_head_chunk_rows))
     noise = NoiseInjector(model, cfg.noise_injection, total, cfg.train.seed)
     console = Console(total, cfg.rl.algorithm, enabled=run.is_main)
     last: dict[str, Any] = {}
@@ -363,11 +377,29 @@ def reference_and_old_logprobs(
     """Fill `t.ref_logprobs` / `t.old_logprobs` only where the configuration needs them."""
     if cfg.rl.kl_coef:
         if reference is not None:
-            t.ref_logprobs = logprob_pass(reference, t, cfg)
+            t.ref_logprobs = _reference_logprobs(reference, t, cfg)
         else:  # LoRA: the base model is the policy with its adapters switched off
             t.ref_logprobs = logprob_pass(model, t, cfg, disable_adapter=True)
     if cfg.rl.num_policy_updates > 1 or not batch.logprobs_exact:
         t.old_logprobs = logprob_pass(model, t, cfg, router=router)
+
+
+def _reference_logprobs(reference: torch.nn.Module, t: StepTensors, cfg: Config) -> torch.Tensor:
+    """[N, T] reference log-probs; a reference on its own GPU (`model.reference_gpu_ids`)
+    gets a copy of the rows there, and the log-probs come back to the policy's device."""
+    ref_device = next(reference.parameters()).device
+    home = t.input_ids.device
+    if ref_device == home:
+        return logprob_pass(reference, t, cfg)
+    moved = dataclasses.replace(
+        t,
+        **{
+            f.name: getattr(t, f.name).to(ref_device)
+            for f in dataclasses.fields(t)
+            if isinstance(getattr(t, f.name), torch.Tensor)
+        },
+    )
+    return logprob_pass(reference, moved, cfg).to(home)
 
 
 def _rollout_metrics(batch: RolloutBatch, rounds: int) -> dict[str, float]:

@@ -16,6 +16,7 @@ import torch
 
 from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, token_logprobs
 from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
+from moepost.components.lm_head import head_chunk_rows, head_passthrough
 from moepost.components.packing import split_to_count, without_trailing_padding_mask
 from moepost.components.router_tools import RouterTools, Tokens
 from moepost.components.shared_prefix import (
@@ -27,6 +28,7 @@ from moepost.components.shared_prefix import (
 from moepost.config.schema import Config
 from moepost.distributed import DistContext
 from moepost.recipes.common import micro_batch_groups
+from moepost.recipes.rl_head import chunked_completion_logprobs, shared_prefix_logprobs
 
 
 @dataclass
@@ -122,6 +124,27 @@ def completion_logits(
     return out.index_put(completion.nonzero(as_tuple=True), logits)
 
 
+def _chunked_logprobs(
+    model: torch.nn.Module,
+    t: StepTensors,
+    idx: slice,
+    cfg: Config,
+    share: PrefixShare | None,
+    chunk_rows: int,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[n, T] log-probs (and entropies) of rows `idx` through the chunked LM head."""
+    if share is None:
+        return chunked_completion_logprobs(
+            model, t, idx, cfg, chunk_rows=chunk_rows, with_entropy=with_entropy
+        )
+    with head_passthrough(model) as head:  # the shared forwards' `.logits` are hidden states
+        hidden = shared_prefix_logits(model, t.rows(idx), share)  # [n, T, H]
+    return shared_prefix_logprobs(
+        hidden, head, t, idx, cfg, chunk_rows=chunk_rows, with_entropy=with_entropy
+    )
+
+
 def shared_prefix_off(
     cfg: Config, dist: DistContext, *models: torch.nn.Module | None
 ) -> str | None:
@@ -198,11 +221,15 @@ def logprob_pass(
     """[N, T] log-probs of the sampled tokens without gradient (old-policy or reference pass)."""
     out = torch.zeros_like(t.completion_mask)
     ctx = model.disable_adapter() if disable_adapter else nullcontext()
+    chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
     with ctx:
         for sl in micro_slices(t, cfg):
             cols, share = t.tokens(sl), t.share(sl)
             record = router.record_routes(sl, cols, share) if router is not None else nullcontext()
             with record:
+                if chunk_rows:
+                    out[sl] = _chunked_logprobs(model, t, sl, cfg, share, chunk_rows)[0]
+                    continue
                 logits = completion_logits(model, t, sl, share)
             out[sl] = _logprobs(logits, t.completion_ids[sl], cfg)
     return out
@@ -274,25 +301,36 @@ def policy_update(
     step_tokens = dist.sum_floats([float(router_token_mask(t, slice(None), cfg).sum())])[0]
     slices = micro_slices(t, cfg)
     per_seq = ("clip_frac", "ratio_mean") if preset["ratio_level"] == "sequence" else ()
+    chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
         mask = t.completion_mask[sl]
         cols, share = t.tokens(sl), t.share(sl)
+        logits = entropy = None
         with router.capture(replay=router.replay_for(sl, update_index, cols, share)) as cap:
-            logits = completion_logits(model, t, sl, share)
+            if chunk_rows:  # no [n, T, V] logits: the head runs chunked at completion tokens
+                logprobs, entropy = _chunked_logprobs(model, t, sl, cfg, share, chunk_rows, True)
+            else:
+                logits = completion_logits(model, t, sl, share)
         if cap is not None and share is not None:
             cap.reorder(share.to_padded)  # read the routes as the padded forward's
-        logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
+        if logits is not None:
+            logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
         bad = nonfinite_rows(logprobs.detach(), mask)
         if bool(bad.any()):
             # Never let NaN/Inf reach the loss: drop the affected samples, count them. Masking
             # the log-probs is not enough (softmax(inf) x 0 is NaN in backward): the rows are
-            # cut out of the graph at the logits and the log-probs recomputed.
+            # cut out of the graph with `torch.where` (the chunked head's backward gives rows
+            # with a zero upstream gradient an exact zero) or at the logits, recomputed.
             nonfinite += int(mask[bad].sum())
             mask = mask * (~bad)[:, None]
-            zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-            logits = torch.where(bad[:, None, None], zero, logits)
-            logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
+            if logits is None:
+                logprobs = torch.where(bad[:, None], torch.zeros_like(logprobs), logprobs)
+                entropy = torch.where(bad[:, None], torch.zeros_like(entropy), entropy)
+            else:
+                zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+                logits = torch.where(bad[:, None, None], zero, logits)
+                logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
         # One update on fresh samples: the pre-update policy *is* the current one, so the
         # detached log-probs are the exact old log-probs (ratio exactly 1, no extra pass).
         old = t.old_logprobs[sl] if t.old_logprobs is not None else logprobs.detach()
@@ -324,7 +362,10 @@ def policy_update(
                 # GSPO's clip_frac / ratio_mean are means over sequences: weight them so
                 add(key, float(m[key]), n_seq if key in per_seq else n_tok)
         with torch.no_grad():
-            ent = entropy_from_logits(logits.detach(), temperature=cfg.generation.temperature)
+            ent = entropy
+            if logits is not None:
+                temperature = cfg.generation.temperature
+                ent = entropy_from_logits(logits.detach(), temperature=temperature)
             add("entropy", float((ent * mask).sum() / max(n_tok, 1.0)), n_tok)
             if update_index == 0:  # later updates see a moved policy: no longer comparable
                 gap = (logprobs.detach() - t.rollout_logprobs[sl]).abs() * mask

@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from moepost.algorithms.sft_loss import sft_loss
+from moepost.algorithms.sft_loss import sft_loss, sft_loss_from_logprobs
+from moepost.components.lm_head import (
+    HeadRequest,
+    describe_head,
+    head_chunk_rows,
+    head_output,
+    head_request,
+)
 from moepost.components.lora import describe_parameters, parameter_report
 from moepost.components.model import load_policy, load_tokenizer
 from moepost.components.packing import (
@@ -83,6 +90,7 @@ def run_sft(
     train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
     state = maybe_resume(run, resume, model, opt)
     train_set.restore(state)
+    run.say(describe_head(train_model, cfg.train.lm_head_chunk_rows))
     from moepost.components.logging import Console
 
     console = Console(total, "sft", enabled=run.is_main)
@@ -155,20 +163,55 @@ def forward_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     num_global_tokens: int,
+    *,
+    chunk_rows: int = 0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy of one micro-batch, normalised by the step's target-token count.
 
     Rows whose logits give a NaN/Inf loss are dropped from the loss (their target tokens stay
-    in the normaliser) and counted in `nonfinite_tokens`.
+    in the normaliser) and counted in `nonfinite_tokens`. `chunk_rows` > 0: the LM head runs
+    chunked at the target positions only (`components.lm_head`), no [B, T, V] logits.
     """
     labels = batch.pop("labels")
-    logits = model(**without_trailing_padding_mask(batch), use_cache=False).logits
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    if chunk_rows > 0:
+        return _chunked_forward_loss(model, batch, shifted, num_global_tokens, chunk_rows)
+    logits = model(**without_trailing_padding_mask(batch), use_cache=False).logits
     loss, metrics = sft_loss(logits, shifted, num_global_tokens=num_global_tokens)
     dropped = 0
     if not bool(torch.isfinite(metrics["loss_sum"])):
         logits, shifted, dropped = drop_nonfinite_rows(logits, shifted)
         loss, metrics = sft_loss(logits, shifted, num_global_tokens=num_global_tokens)
+    metrics["nonfinite_tokens"] = torch.tensor(float(dropped))
+    return loss, metrics
+
+
+def _chunked_forward_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    shifted: torch.Tensor,
+    num_global_tokens: int,
+    chunk_rows: int,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`forward_loss` with the chunked head: [N] log-probs of the N target tokens only."""
+    request = HeadRequest(labels=shifted.masked_fill(shifted == -100, -1), chunk_size=chunk_rows)
+    with head_request(model, request):
+        out = model(**without_trailing_padding_mask(batch), use_cache=False)
+    logprobs = head_output(out, request)  # [N]
+    assert request.valid is not None and request.argmax is not None
+    correct = request.argmax == shifted[request.valid]
+    loss, metrics = sft_loss_from_logprobs(logprobs, correct, num_global_tokens=num_global_tokens)
+    dropped = 0
+    if not bool(torch.isfinite(metrics["loss_sum"])):
+        # Drop whole rows (a packed row: the whole pack), as `drop_nonfinite_rows` does.
+        row_of = request.valid.nonzero()[:, 0]  # [N] row of each target token
+        bad_rows = torch.zeros(shifted.shape[0], dtype=torch.bool, device=shifted.device)
+        bad_rows[row_of[~torch.isfinite(logprobs.detach())]] = True
+        keep = ~bad_rows[row_of]
+        dropped = int((~keep).sum())
+        loss, metrics = sft_loss_from_logprobs(
+            logprobs, correct, keep=keep, num_global_tokens=num_global_tokens
+        )
     metrics["nonfinite_tokens"] = torch.tensor(float(dropped))
     return loss, metrics
 
@@ -194,6 +237,7 @@ def train_step(
     """
     dist = dist or DistContext(device=device)
     model.train()
+    chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
     lengths = [len(ex.input_ids) for ex in examples]
     groups = micro_batch_groups(lengths, cfg, longest_first=True, dist=dist)
     micro = [collate([examples[i] for i in g], cfg, pad_token_id) for g in groups]
@@ -209,7 +253,7 @@ def train_step(
         share = float(token_mask.sum()) / max(1, num_inputs)
         dist.set_grad_sync(last=i == len(micro) - 1)
         with router.capture() as cap:
-            loss, m = forward_loss(model, batch, max(1, num_targets))
+            loss, m = forward_loss(model, batch, max(1, num_targets), chunk_rows=chunk_rows)
         aux, aux_metrics = router.losses(cap, token_mask.to(device), share=share)
         dist.backward(loss + aux if aux is not None else loss)
         loss_sum += float(m["loss_sum"])
@@ -270,10 +314,11 @@ def evaluate(
     model.eval()
     loss_sum = correct = 0.0
     count = 0
+    chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
     lengths = [len(ex.input_ids) for ex in examples]
     for group in micro_batch_groups(lengths, cfg, longest_first=True):
         batch = _to_device(collate_sft([examples[i] for i in group], pad_id), device)
-        _, m = forward_loss(model, batch, 1)
+        _, m = forward_loss(model, batch, 1, chunk_rows=chunk_rows)
         loss_sum += float(m["loss_sum"])
         correct += float(m["token_accuracy"]) * float(m["num_tokens"])
         count += int(m["num_tokens"])
