@@ -28,7 +28,9 @@ from moepost.recipes.common import Optimization
 from moepost.recipes.rl_update import logprob_pass, plan_micro_batches, policy_update
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
 from dist_driver import rows, step_tensors  # noqa: E402
+from fault_hooks import install_step_hooks  # noqa: E402
 
 LORA = ["model.lora.enabled=true", "model.lora.r=4", "model.lora.alpha=8"]
 CPU = torch.device("cpu")
@@ -101,6 +103,7 @@ def main() -> None:
                 (out / "results.json").write_text(json.dumps(results, indent=1))
             tdist.barrier()
             os.environ["MOEPOST_CRASH_AFTER_STEP"] = str(crash)
+            install_step_hooks()  # the test hook, from outside moepost
         results[name] = cli_main(argv)
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results, indent=1))

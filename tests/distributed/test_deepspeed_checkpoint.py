@@ -39,7 +39,7 @@ def _run(world: int, stage: int) -> SimpleNamespace:
 def _checkpoint(tmp_path: Path, saved: dict[str, int] | None, *, engine_dir: bool) -> Path:
     path = tmp_path / "checkpoint-2"
     path.mkdir()
-    blob: dict[str, Any] = {"train": {"step": 2}, "optim": {"calls": 2}}
+    blob: dict[str, Any] = {"train": {"step": 2}, "optim": {"calls": 2}, "rng": ckpt.rng_state()}
     if saved is not None:
         blob["deepspeed"] = saved
     torch.save(blob, path / ckpt.STATE_FILE)

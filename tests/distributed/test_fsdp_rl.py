@@ -44,9 +44,20 @@ def _launch(out: Path, spec: dict[str, Any], *, crashes: bool) -> dict[str, Any]
         [*cmd, str(DRIVER), str(out), str(out / "spec.json")],
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)  # kept for a failing run
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (proc.returncode != 0) == crashes, log  # a crash run ends the launch with os._exit
     return json.loads((out / "results.json").read_text())
+
+
+def _backend(name: str) -> list[str]:
+    """The run's backend; RL runs score every forward through the chunked LM head (shared-prefix
+    forwards under FSDP take full logits, DDP's chunked ones: the two would differ by rounding)."""
+    stage, backend = name.split("_")
+    return [
+        f"distributed.backend={backend}",
+        *(["rl.shared_prefix=false"] if stage == "rl" else []),
+    ]
 
 
 def _train(cfg: Path, out: Path, *extra: str) -> list[str]:
@@ -59,8 +70,7 @@ def launches(sft_cfg: Path, rl_cfg: Path, workdir: Path) -> dict[str, Any]:
     cfgs = {"sft": sft_cfg, "rl": rl_cfg}
     results: dict[str, Any] = {"dir": base}
     for name in RUNS:
-        stage, backend = name.split("_")
-        extra = [f"distributed.backend={backend}"]
+        stage, extra = name.split("_")[0], _backend(name)
         runs = [[name, _train(cfgs[stage], base / name, *extra), None]]
         if name == "rl_fsdp":  # GSPO with LoRA under FSDP2 (a sharded adapter checkpoint)
             lora = ["rl.algorithm=gspo", "model.lora.enabled=true", "model.lora.r=4"]
@@ -70,8 +80,8 @@ def launches(sft_cfg: Path, rl_cfg: Path, workdir: Path) -> dict[str, Any]:
         runs.append([f"{name}_killed", _train(cfgs[stage], base / f"{name}_killed", *extra), 3])
         results.update(_launch(base / f"launch_{name}", {"runs": runs}, crashes=True))
     resumes = [
-        [f"{n}_resumed", [*_train(cfgs[n.split("_")[0]], base / f"{n}_killed",
-                                  f"distributed.backend={n.split('_')[1]}"), "--resume", "auto"], None]
+        [f"{n}_resumed", [*_train(cfgs[n.split("_")[0]], base / f"{n}_killed", *_backend(n)),
+                          "--resume", "auto"], None]
         for n in RUNS
     ]  # fmt: skip
     spec = {"runs": resumes, "update_check": str(rl_cfg)}

@@ -159,7 +159,8 @@ def test_sft_long_rows_are_truncated_and_untrainable_rows_skipped(
     for row in rows:
         row["output"] = ""
     write_jsonl(data, rows)
-    code, _, err = _train(capsys, tmp_path, _config("sft", streaming, tiny_model, data, run))
+    rerun = _config("sft", streaming, tiny_model, data, tmp_path / "run_empty")  # a fresh run dir
+    code, _, err = _train(capsys, tmp_path, rerun)
     needle = "no row gives a training example" if streaming else "no training example has an"
     assert code == 2 and "Traceback" not in err and needle in err and str(data) in err, err
 
@@ -183,7 +184,9 @@ def test_rl_prompts_over_the_limit_are_skipped_and_counted(
         }
     else:
         assert "data: 5 train / 0 eval prompts, 1 skipped (longer than" in out
-    code, _, err = _train(capsys, tmp_path, cfg, "data.max_prompt_length=5")
+    code, _, err = _train(
+        capsys, tmp_path, cfg, "data.max_prompt_length=5", f"logging.output_dir={tmp_path / 'r2'}"
+    )
     needle = "no row gives a training example" if streaming else "every training prompt of"
     assert code == 2 and "Traceback" not in err and needle in err and str(data) in err, err
 

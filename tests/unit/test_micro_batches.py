@@ -74,7 +74,7 @@ def test_token_budget_matches_the_rank_with_most_micro_batches(tmp_path: Path) -
 
 
 def test_token_budget_config_checks(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match=r"train\.micro_batch_tokens = -1: expected 0"):
+    with pytest.raises(UserError, match=r"train\.micro_batch_tokens = -1: must be >= 0"):
         _cfg(tmp_path, micro_batch_tokens=-1)
     with pytest.raises(UserError, match="gradient_accumulation_steps and train.micro_batch_tokens"):
         _cfg(tmp_path, micro_batch_tokens=64, gradient_accumulation_steps=3)

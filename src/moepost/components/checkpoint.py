@@ -213,7 +213,10 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     except (RuntimeError, OSError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: unreadable trainer state ({first})") from None
-    if not isinstance(blob, dict) or not {"train", "optim", "rng"} <= set(blob):
+    # A sharded (FSDP2) checkpoint keeps each rank's RNG in rng/rank-<r>.pt instead.
+    if not isinstance(blob, dict) or not {"train", "optim"} <= set(blob):
+        raise UserError(f"{path}: not a moepost trainer state (expected train/optim/rng)")
+    if "rng" not in blob and not blob.get("sharded"):
         raise UserError(f"{path}: not a moepost trainer state (expected train/optim/rng)")
     return blob
 

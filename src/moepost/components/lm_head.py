@@ -152,6 +152,12 @@ def describe_head(model: nn.Module, rows: int) -> str:
     return f"lm_head: chunked, {rows} tokens at a time, only at scored positions (no [B, T, V])"
 
 
+def head_weight_sharded(model: nn.Module) -> bool:
+    """The head's weight is a sharded DTensor (FSDP2), so it is whole only inside a forward."""
+    head = output_head(model)
+    return isinstance(head, nn.Linear) and type(head.weight).__name__ == "DTensor"
+
+
 @contextmanager
 def head_passthrough(model: nn.Module) -> Iterator[nn.Linear]:
     """Inside the block the head returns its input, so a forward's `.logits` are the final
@@ -161,7 +167,7 @@ def head_passthrough(model: nn.Module) -> Iterator[nn.Linear]:
     tensor: one process, DDP, DeepSpeed ZeRO <= 2, not FSDP (a sharded DTensor is refused)."""
     head = output_head(model)
     assert isinstance(head, nn.Linear), chunked_head_off(model)
-    if type(head.weight).__name__ == "DTensor":
+    if head_weight_sharded(model):  # callers take the full-logits path then
         raise UserError(
             "train.lm_head_chunk_rows with rl.shared_prefix under FSDP: the sharded lm_head "
             "weight is not available after the forward; set rl.shared_prefix: false"

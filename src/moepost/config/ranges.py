@@ -22,6 +22,8 @@ _UNIT = (0, True, 1, True)  # [0, 1]
 _UNIT_OPEN = (0, True, 1, False)  # [0, 1)
 
 RANGES: dict[str, Range] = {
+    "model.policy_gpu_ids": _NONNEG,  # each id
+    "model.reference_gpu_ids": _NONNEG,
     "model.lora.r": _ONE,
     "model.lora.alpha": _POS,
     "model.lora.dropout": _UNIT_OPEN,
@@ -66,6 +68,7 @@ RANGES: dict[str, Range] = {
     "train.micro_batch_size": _ONE,
     "train.micro_batch_tokens": _NONNEG,
     "train.gradient_accumulation_steps": _ONE,
+    "train.lm_head_chunk_rows": _NONNEG,  # 0: full logits
     "train.eval_every": _NONNEG,
     "train.save_every": _NONNEG,
     "train.seed": (0, True, 2**32 - 1, True),  # numpy's seed range

@@ -86,18 +86,7 @@ def _check_streaming(cfg: Config) -> None:
 
 def _check_train(cfg: Config) -> None:
     t = cfg.train
-    if t.micro_batch_size < 1:
-        raise UserError(f"train.micro_batch_size = {t.micro_batch_size}: must be >= 1")
-    if t.micro_batch_tokens < 0:
-        raise UserError(
-            f"train.micro_batch_tokens = {t.micro_batch_tokens}: expected 0 (micro-batches of "
-            "train.micro_batch_size rows) or a token budget per micro-batch"
-        )
-    if t.lm_head_chunk_rows < 0:
-        raise UserError(
-            f"train.lm_head_chunk_rows = {t.lm_head_chunk_rows}: expected 0 (full logits) or "
-            "the number of tokens the chunked LM head scores at a time (e.g. 1024)"
-        )
+    # Signs and ranges of single keys: config/ranges.py (checked first).
     if t.micro_batch_tokens and t.gradient_accumulation_steps is not None:
         raise UserError(
             "train.gradient_accumulation_steps and train.micro_batch_tokens both set the "

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from moepost.algorithms.advantages import group_advantages, rewards_to_tensor
-from moepost.components.lm_head import describe_head
+from moepost.components.lm_head import describe_head, head_weight_sharded
 from moepost.components.logging import Console
 from moepost.components.lora import describe_parameters, parameter_report
 from moepost.components.model import load_policy, load_reference, load_tokenizer
@@ -133,6 +133,8 @@ def run_rl(
     no_sharing = shared_prefix_off(cfg, dist, train_model, reference)
     run.say(f"shared-prefix forwards: {'on' if no_sharing is None else f'off ({no_sharing})'}")
     run.say(describe_head(train_model, cfg.train.lm_head_chunk_rows))
+    if no_sharing is None and head_weight_sharded(train_model):
+        run.say("lm_head: shared-prefix forwards take full logits at completion positions (FSDP)")
     noise = NoiseInjector(model, cfg.noise_injection, total, cfg.train.seed)
     console = Console(total, cfg.rl.algorithm, enabled=run.is_main)
     last: dict[str, Any] = {}

@@ -16,7 +16,7 @@ import torch
 
 from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, token_logprobs
 from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
-from moepost.components.lm_head import head_chunk_rows, head_passthrough
+from moepost.components.lm_head import head_chunk_rows, head_passthrough, head_weight_sharded
 from moepost.components.packing import split_to_count, without_trailing_padding_mask
 from moepost.components.router_tools import RouterTools, Tokens
 from moepost.components.shared_prefix import (
@@ -222,12 +222,13 @@ def logprob_pass(
     out = torch.zeros_like(t.completion_mask)
     ctx = model.disable_adapter() if disable_adapter else nullcontext()
     chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
+    shared_chunked = not head_weight_sharded(model)
     with ctx:
         for sl in micro_slices(t, cfg):
             cols, share = t.tokens(sl), t.share(sl)
             record = router.record_routes(sl, cols, share) if router is not None else nullcontext()
             with record:
-                if chunk_rows:
+                if chunk_rows and (share is None or shared_chunked):
                     out[sl] = _chunked_logprobs(model, t, sl, cfg, share, chunk_rows)[0]
                     continue
                 logits = completion_logits(model, t, sl, share)
@@ -302,13 +303,15 @@ def policy_update(
     slices = micro_slices(t, cfg)
     per_seq = ("clip_frac", "ratio_mean") if preset["ratio_level"] == "sequence" else ()
     chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
+    # Shared-prefix forwards score hidden states after the forward: not with a sharded head.
+    shared_chunked = not head_weight_sharded(model)
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
         mask = t.completion_mask[sl]
         cols, share = t.tokens(sl), t.share(sl)
         logits = entropy = None
         with router.capture(replay=router.replay_for(sl, update_index, cols, share)) as cap:
-            if chunk_rows:  # no [n, T, V] logits: the head runs chunked at completion tokens
+            if chunk_rows and (share is None or shared_chunked):  # no [n, T, V] logits
                 logprobs, entropy = _chunked_logprobs(model, t, sl, cfg, share, chunk_rows, True)
             else:
                 logits = completion_logits(model, t, sl, share)
