@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from moepost.components import checkpoint as ckpt
+from moepost.config.load import config_to_dict
 from moepost.errors import UserError
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def save(
                 tokenizer,
                 trainer_state,
                 keep_last=run.cfg.logging.keep_last_checkpoints,
+                config=config_to_dict(run.cfg),  # compared on --resume, as for full checkpoints
                 extra_files=lambda tmp: staging.rename(tmp / ENGINE_DIR),
             )
     ctx.barrier()  # nobody runs ahead (or reads the folder) before it is complete
