@@ -151,3 +151,20 @@ def test_non_moepost_state_is_a_one_line_error(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(2)}, folder / ckpt.STATE_FILE)
     with pytest.raises(UserError, match="not a moepost trainer state"):
         ckpt.load_trainer_state(folder)
+
+
+def test_damaged_state_bytes_are_always_a_one_line_error(tmp_path: Path) -> None:
+    """Random bytes fail at any point of the unpickler (IndexError, KeyError, ...): each must
+    come out as a UserError naming the file, never a traceback. Seeded, so a failure repeats."""
+    folder = tmp_path / "checkpoint-1"
+    folder.mkdir()
+    path = folder / ckpt.STATE_FILE
+    torch.save({"train": {"step": 1}, "optim": {}, "rng": ckpt.rng_state()}, path)
+    good = path.read_bytes()
+    gen = random.Random(0)
+    blobs = [gen.randbytes(gen.randint(1, 4096)) for _ in range(300)]
+    blobs += [good[: gen.randint(0, len(good) - 1)] for _ in range(100)]
+    for blob in blobs:
+        path.write_bytes(blob)
+        with pytest.raises(UserError, match=f"{path}: (unreadable|refused|not a moepost)"):
+            ckpt.load_trainer_state(folder)

@@ -210,7 +210,7 @@ def load_trainer_state(ckpt: Path) -> dict[str, Any]:
                 "file is not one or was tampered with - do not resume from a file you do not trust"
             ) from None
         raise UserError(f"{path}: unreadable trainer state ({_unpickler_detail(str(e))})") from None
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # damaged bytes fail anywhere in the unpickler (IndexError, KeyError...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: unreadable trainer state ({first})") from None
     # A sharded (FSDP2) checkpoint keeps each rank's RNG in rng/rank-<r>.pt instead.
