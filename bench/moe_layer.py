@@ -80,7 +80,7 @@ def build_block(p: dict[str, Any], impl: str) -> Any:
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
-    from moepost.components import experts
+    from moepost.components.moe import experts
 
     experts.register()  # moepost_grouped
     config = Qwen3MoeConfig(
@@ -170,7 +170,7 @@ def registered_implementations() -> list[str]:
     try:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-        from moepost.components import experts
+        from moepost.components.moe import experts
 
         experts.register()
 

@@ -82,7 +82,7 @@ def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
     """One moepost GSPO run; per-step marks are taken where the recipe logs each step."""
     t_start = time.perf_counter()
     import moepost.recipes.rl as rl
-    from moepost.components.logging import RunLogger
+    from moepost.components.training.logging import RunLogger
     from moepost.config.load import load_config
 
     marks: list[dict[str, Any]] = []

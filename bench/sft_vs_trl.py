@@ -71,7 +71,7 @@ def settings(quick: bool = False) -> dict[str, Any]:
 
 def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
     t_start = time.perf_counter()
-    from moepost.components.logging import RunLogger
+    from moepost.components.training.logging import RunLogger
     from moepost.config.load import load_config
     from moepost.recipes.sft import run_sft
 

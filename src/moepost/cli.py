@@ -125,7 +125,7 @@ def _tiny_model(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
-    from moepost.components.data_files import FORMAT_CONVERTERS
+    from moepost.components.data.files import FORMAT_CONVERTERS
 
     if args.fmt not in FORMAT_CONVERTERS:
         raise UserError(

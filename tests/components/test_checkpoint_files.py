@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from moepost.components import checkpoint as ckpt
-from moepost.components import checkpoint_files as cf
+from moepost.components.training import checkpoint as ckpt
+from moepost.components.training import checkpoint_files as cf
 from moepost.errors import UserError
 
 

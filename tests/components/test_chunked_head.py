@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moepost.components.lm_head import (
+from moepost.components.model.lm_head import (
     HeadRequest,
     chunked_head_off,
     describe_head,

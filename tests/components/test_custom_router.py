@@ -17,16 +17,16 @@ import torch
 import yaml
 from torch import nn
 
-from moepost.components.model import load_policy
-from moepost.components.moe import (
+from moepost.components.model.loading import load_policy
+from moepost.components.moe.capture import (
     capture_routing,
     find_moe_layers,
     freeze_router,
     replay_routing,
     router_parameters,
 )
-from moepost.components.moe_discovery import set_router_module
-from moepost.components.router_tools import RouterTools
+from moepost.components.moe.discovery import set_router_module
+from moepost.components.moe.router_tools import RouterTools
 from moepost.config.load import load_config
 from moepost.config.schema import MiscConfig, ModelConfig, MoEConfig
 from moepost.errors import UserError

@@ -15,7 +15,9 @@ import pytest
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from moepost.components.data import (
+from moepost.components.data.files import FORMAT_CONVERTERS, convert_gsm8k_to_chat, read_rows
+from moepost.components.data.formats import FORMAT_SHAPES, detect_format
+from moepost.components.data.loading import (
     IGNORE_INDEX,
     SFTExample,
     load_rl_data,
@@ -23,8 +25,6 @@ from moepost.components.data import (
     load_sft_data,
     tokenize_conversation,
 )
-from moepost.components.data_files import FORMAT_CONVERTERS, convert_gsm8k_to_chat, read_rows
-from moepost.components.data_formats import FORMAT_SHAPES, detect_format
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
 

@@ -18,8 +18,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from moepost.components.chat_formats import CHAT_FORMATS
-from moepost.components.data import IGNORE_INDEX, load_rl_data, load_sft_data
+from moepost.components.data.chat_formats import CHAT_FORMATS
+from moepost.components.data.loading import IGNORE_INDEX, load_rl_data, load_sft_data
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
 
@@ -268,7 +268,7 @@ def test_alpaca_zero_input_is_kept(tmp_path: Path, tok: Any) -> None:
 
 def test_gsm8k_convert_keeps_the_text(tmp_path: Path, tok: Any) -> None:
     """`moepost data convert --format gsm8k` output loads to the same unchanged text."""
-    from moepost.components.data_files import convert_gsm8k_to_chat
+    from moepost.components.data.files import convert_gsm8k_to_chat
 
     src, out = tmp_path / "g.jsonl", tmp_path / "chat.jsonl"
     src.write_text(json.dumps({"question": USER, "answer": ASSISTANT}, ensure_ascii=False) + "\n")

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from moepost.components.data import load_rows
-from moepost.components.data_files import read_rows
-from moepost.components.data_stream import ExampleStream, RowStream, stream_source
+from moepost.components.data.files import read_rows
+from moepost.components.data.loading import load_rows
+from moepost.components.data.stream import ExampleStream, RowStream, stream_source
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
 
@@ -180,7 +180,7 @@ def test_bad_line_past_the_first_block_stops_the_stream_there(tmp_path: Path) ->
     line (datasets' own error gives only a byte position in the block)."""
     import datasets
 
-    from moepost.components.data_stream import StreamSource
+    from moepost.components.data.stream import StreamSource
 
     lines = [json.dumps({"text": f"row {i}", "i": i}) for i in range(1, 41)]
     lines[29] = '{"text": "row 30", "i": '

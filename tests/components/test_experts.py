@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from moepost.components import experts
-from moepost.components.model import load_policy, load_reference
+from moepost.components.model.loading import load_policy, load_reference
+from moepost.components.moe import experts
 from moepost.config.schema import LoraConfig, MiscConfig, ModelConfig
 from moepost.tools.tiny_model import ARCHS, build_tiny_model
 

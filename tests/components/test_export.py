@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from moepost.components.model import load_policy
+from moepost.components.model.loading import load_policy
 from moepost.config.schema import LoraConfig, MiscConfig, ModelConfig
 from moepost.errors import UserError
 from moepost.tools.export import export_model, resolve_checkpoint

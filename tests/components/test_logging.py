@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import torch
 
-import moepost.components.logging as mlog
-from moepost.components.logging import (
+import moepost.components.training.logging as mlog
+from moepost.components.training.logging import (
     Backends,
     Console,
     RunLogger,

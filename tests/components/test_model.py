@@ -7,18 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from moepost.components.lora import (
-    apply_lora,
-    describe_parameters,
-    lora_target_parameters,
-    parameter_report,
-)
-from moepost.components.model import (
+from moepost.components.model.loading import (
     load_policy,
     load_reference,
     load_tokenizer,
     resolve_device,
     resolve_dtype,
+)
+from moepost.components.model.lora import (
+    apply_lora,
+    describe_parameters,
+    lora_target_parameters,
+    parameter_report,
 )
 from moepost.config.schema import LoraConfig, MiscConfig, ModelConfig
 from moepost.errors import UserError

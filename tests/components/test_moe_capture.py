@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moepost.components.moe import (
+from moepost.components.moe.capture import (
     ReplaySource,
     assemble_generation_routes,
     capture_routing,

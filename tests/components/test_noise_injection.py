@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from moepost.components.noise import NoiseInjector, find_norm_weights
+from moepost.components.training.noise import NoiseInjector, find_norm_weights
 from moepost.config.schema import NoiseInjectionConfig
 from moepost.errors import UserError
 from moepost.tools.tiny_model import build_tiny_model

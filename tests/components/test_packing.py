@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from moepost.components.data import IGNORE_INDEX, SFTExample
-from moepost.components.packing import (
+from moepost.components.data.loading import IGNORE_INDEX, SFTExample
+from moepost.components.data.packing import (
     PackedRow,
     batch_by_tokens,
     collate_packed,

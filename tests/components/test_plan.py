@@ -110,7 +110,7 @@ def test_bf16_optimizer_states_follow_the_optimizer(tiny: Path) -> None:
 def test_lora_counts_match_peft(tiny: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from moepost.components.lora import apply_lora
+    from moepost.components.model.lora import apply_lora
 
     cfg = _cfg(tiny, "model.lora.enabled=true", "model.dtype=bfloat16")
     est = estimate_memory(_config_dict(tiny), cfg, gpus=1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moepost.components.prompting import (
+from moepost.components.data.prompting import (
     apply_prompt_template,
     build_translation_messages,
     build_translation_prompt,

@@ -9,7 +9,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from moepost.components.rollout import (
+from moepost.components.rollout.engine import (
     HFRolloutEngine,
     RolloutBatch,
     SamplingParams,
@@ -239,7 +239,7 @@ def test_bad_inputs_raise_user_error(model, tokenizer, monkeypatch):
 def test_reserved_cache_layer_matches_concatenation() -> None:
     from transformers.cache_utils import DynamicLayer
 
-    from moepost.components.kv_cache import ReservedLayer
+    from moepost.components.rollout.kv_cache import ReservedLayer
 
     torch.manual_seed(0)
     plain, reserved = DynamicLayer(), ReservedLayer(reserve=2)
@@ -263,7 +263,7 @@ def test_reserved_cache_layer_matches_concatenation() -> None:
 def test_reserved_cache_generation_is_bit_identical(model, tokenizer, prompts, monkeypatch):
     from transformers import DynamicCache
 
-    import moepost.components.rollout as rollout
+    import moepost.components.rollout.engine as rollout
 
     params = SamplingParams(num_samples_per_prompt=4, max_new_tokens=12, temperature=1.0, seed=3)
     fast = engine(model, tokenizer).generate(prompts, params)
@@ -281,7 +281,7 @@ def test_finished_rows_leave_the_decode_batch(model, tokenizer, prompts, chunk_r
     same tokens, finish reasons and log-probs as keeping every row, the same routes for every
     token it fed, and forwards that really ran on fewer rows (in one chunk of 12 rows, or in
     chunks of 8 and 4)."""
-    from moepost.components.router_tools import RouterTools
+    from moepost.components.moe.router_tools import RouterTools
     from moepost.config.schema import MoEConfig
 
     eos_ids = list(range(2, 14))  # frequent enough that rows end at different steps
@@ -343,7 +343,7 @@ def test_lockstep_keeps_stepping_and_changes_nothing(model, tokenizer, prompts, 
     another rank runs, and runs the other rank's extra chunks on a dummy prompt; its tokens,
     log-probs, finish reasons and captured routes equal the free-running loop's exactly, and
     those extra forwards are tagged idle."""
-    from moepost.components.router_tools import RouterTools
+    from moepost.components.moe.router_tools import RouterTools
     from moepost.config.schema import MoEConfig
 
     eos_ids = list(range(2, 40))  # rows end early and at different steps

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as tdist
 
 from moepost.cli import main as cli_main
-from moepost.components.model import load_policy
-from moepost.components.rollout import build_training_tensors
-from moepost.components.router_tools import RouterTools
+from moepost.components.model.loading import load_policy
+from moepost.components.moe.router_tools import RouterTools
+from moepost.components.rollout.engine import build_training_tensors
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
 from moepost.recipes import rl_update

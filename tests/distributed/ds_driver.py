@@ -26,8 +26,8 @@ import torch
 import torch.distributed as tdist
 
 from moepost.cli import main as cli_main
-from moepost.components.model import load_policy
-from moepost.components.router_tools import RouterTools
+from moepost.components.model.loading import load_policy
+from moepost.components.moe.router_tools import RouterTools
 from moepost.config.load import load_config
 from moepost.distributed import DistContext, attach_optimizer, prepare_model
 from moepost.recipes.common import Optimization

@@ -20,8 +20,8 @@ import torch.distributed as tdist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from moepost.cli import main as cli_main
-from moepost.components.model import load_policy
-from moepost.components.router_tools import RouterTools
+from moepost.components.model.loading import load_policy
+from moepost.components.moe.router_tools import RouterTools
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
 from moepost.recipes.common import Optimization

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from moepost.components import checkpoint as ckpt
+from moepost.components.training import checkpoint as ckpt
 from moepost.distributed import deepspeed_checkpoint as dsc
 from moepost.errors import UserError
 

@@ -72,7 +72,7 @@ def _hit(name: str, step: int) -> bool:
 
 def install_gradient_faults(monkeypatch: Any = None) -> None:
     """The MOEPOST_INJECT_* faults, applied to the gradients the pipeline receives."""
-    from moepost.components.stability import GradientPipeline
+    from moepost.components.training.stability import GradientPipeline
     from moepost.recipes.common import Optimization
 
     set_ = _Setter(monkeypatch)
@@ -135,7 +135,7 @@ def install_save_faults(monkeypatch: Any = None) -> None:
     """MOEPOST_KILL_DURING_SAVE=point@k and MOEPOST_SAVE_DELAY_S (see the module docstring)."""
     import transformers.modeling_utils as modeling_utils
 
-    from moepost.components import checkpoint, checkpoint_files
+    from moepost.components.training import checkpoint, checkpoint_files
 
     set_ = _Setter(monkeypatch)
     point, _, at = os.environ.get("MOEPOST_KILL_DURING_SAVE", "").partition("@")

@@ -13,7 +13,7 @@ import pytest
 from drill_support import assert_same_run, cli, drill_config, launch, wait_for
 from fault_hooks import KILL_POINTS
 
-from moepost.components import checkpoint as ckpt
+from moepost.components.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 

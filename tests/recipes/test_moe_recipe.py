@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 from test_rl_recipe import rl_config
 from test_sft_recipe import sft_config
 
-from moepost.components import rollout
-from moepost.components.model import load_policy
-from moepost.components.moe import find_moe_layers
-from moepost.components.router_tools import RouterTools
+from moepost.components.model.loading import load_policy
+from moepost.components.moe.capture import find_moe_layers
+from moepost.components.moe.router_tools import RouterTools
+from moepost.components.rollout import engine as rollout
 from moepost.config.schema import MiscConfig, ModelConfig, MoEConfig
 from moepost.recipes.rl import run_rl
 from moepost.recipes.sft import run_sft

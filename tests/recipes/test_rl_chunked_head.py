@@ -11,7 +11,7 @@ import torch
 from recipe_support import rollout_tensors
 from transformers import AutoModelForCausalLM
 
-from moepost.components.router_tools import RouterTools
+from moepost.components.moe.router_tools import RouterTools
 from moepost.config.schema import Config
 from moepost.recipes.rl_update import StepTensors, logprob_pass, policy_update
 

@@ -9,8 +9,8 @@ import torch
 from recipe_support import rollout_tensors
 from transformers import AutoModelForCausalLM
 
-from moepost.components.model import enable_gradient_checkpointing
-from moepost.components.shared_prefix import PrefixShare, can_share_prefix
+from moepost.components.model.loading import enable_gradient_checkpointing
+from moepost.components.rollout.shared_prefix import PrefixShare, can_share_prefix
 from moepost.config.schema import Config
 from moepost.distributed import DistContext
 from moepost.recipes.rl_update import (
@@ -151,7 +151,7 @@ def test_token_budget_counts_each_shared_prompt_once() -> None:
 def test_shared_prefix_under_lora_and_its_reference_pass(tiny_model: Path) -> None:
     """A PEFT model (adapters on attention and experts): the policy pass and the reference pass
     (adapters disabled) give the padded log-probs, and LoRA gradients match."""
-    from moepost.components.lora import apply_lora
+    from moepost.components.model.lora import apply_lora
     from moepost.config.schema import LoraConfig
     from moepost.recipes.rl_update import logprob_pass
 
@@ -194,7 +194,7 @@ def test_shared_prefix_under_lora_and_its_reference_pass(tiny_model: Path) -> No
 def test_gspo_sequence_metrics_do_not_depend_on_the_micro_batch_split(tiny_model: Path) -> None:
     """clip_frac / ratio_mean of GSPO are shares of sequences: micro-batches are weighted by
     their sequences, not their tokens, so any split of the rows logs the same values."""
-    from moepost.components.router_tools import RouterTools
+    from moepost.components.moe.router_tools import RouterTools
     from moepost.recipes.rl_update import policy_update
 
     cfg = Config()  # gspo, with the preset's values filled in as config loading does

@@ -17,8 +17,8 @@ import yaml
 from drill_support import assert_same_run, drill_config, logged_steps
 
 from moepost.cli import main
-from moepost.components import checkpoint as ckpt
-from moepost.components.checkpoint_files import MANIFEST
+from moepost.components.training import checkpoint as ckpt
+from moepost.components.training.checkpoint_files import MANIFEST
 
 
 def _run(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:

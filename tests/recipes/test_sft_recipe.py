@@ -190,7 +190,7 @@ def test_resume_after_kill_equals_uninterrupted(tiny_model: Path, tmp_path: Path
 def test_export_merged_lora_round_trip(tiny_model: Path, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from moepost.components.model import load_policy
+    from moepost.components.model.loading import load_policy
     from moepost.config.schema import MiscConfig, ModelConfig
 
     data = write_jsonl(tmp_path / "d.jsonl", format_rows("gsm8k"))

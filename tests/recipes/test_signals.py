@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from drill_support import assert_same_run, cli, drill_config, launch, logged_steps, wait_for
 
-from moepost.components import checkpoint as ckpt
+from moepost.components.training import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 SLOW_STEPS = {"MOEPOST_STEP_DELAY_S": "0.5"}  # a window at the end of each step

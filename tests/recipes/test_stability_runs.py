@@ -14,7 +14,7 @@ from fault_hooks import install_gradient_faults
 from recipe_support import format_rows, make_config, read_log, write_jsonl
 from safetensors.torch import load_file
 
-from moepost.components import checkpoint as ckpt
+from moepost.components.training import checkpoint as ckpt
 from moepost.errors import UserError
 from moepost.recipes import sft as sft_recipe
 from moepost.recipes.rl import run_rl

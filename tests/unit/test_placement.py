@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moepost.components.placement import (
+from moepost.components.model.placement import (
     gpu_ids_device,
     place_reward_models,
     resolve_reward_device,

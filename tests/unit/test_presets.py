@@ -162,7 +162,7 @@ def tokenizer() -> Any:
 
 
 def _prompts(tmp_path: Path, rel: str, rows: list[dict], tokenizer: Any) -> list[Any]:
-    from moepost.components.data import load_rl_data
+    from moepost.components.data.loading import load_rl_data
 
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moepost.components import checkpoint as ckpt
+from moepost.components.training import checkpoint as ckpt
 from moepost.config.load import config_to_dict
 from moepost.errors import UserError
 

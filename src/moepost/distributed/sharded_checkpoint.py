@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from moepost.components import checkpoint as ckpt
-from moepost.components.checkpoint_files import fresh_temp_dir, seal_dir
+from moepost.components.training import checkpoint as ckpt
+from moepost.components.training.checkpoint_files import fresh_temp_dir, seal_dir
 from moepost.distributed.context import DistContext
 
 DCP_DIR = "dcp"

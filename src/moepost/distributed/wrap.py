@@ -122,7 +122,7 @@ def attach_optimizer(opt: Any, cfg: Config, ctx: DistContext) -> torch.nn.Module
 
 def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The transformer blocks (the classes transformers never splits across devices)."""
-    from moepost.components.moe_routers import unwrap_model
+    from moepost.components.moe.routers import unwrap_model
 
     inner = unwrap_model(model)
     names = set(getattr(inner, "_no_split_modules", None) or [])
@@ -208,7 +208,7 @@ def _fsdp2_full_state_for_save(model: torch.nn.Module, ctx: DistContext) -> Iter
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from moepost.components.checkpoint import unwrap
+    from moepost.components.training.checkpoint import unwrap
 
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moepost.components import checkpoint as ckpt
-from moepost.components.logging import RunLogger, truncate_log_after
-from moepost.components.optim import MasterWeights, build_optimizer, build_scheduler
-from moepost.components.packing import batch_by_tokens, split_to_count
-from moepost.components.stability import GradientPipeline
+from moepost.components.data.packing import batch_by_tokens, split_to_count
+from moepost.components.training import checkpoint as ckpt
+from moepost.components.training.logging import RunLogger, truncate_log_after
+from moepost.components.training.optim import MasterWeights, build_optimizer, build_scheduler
+from moepost.components.training.stability import GradientPipeline
 from moepost.config.load import config_to_dict, write_resolved_config
 from moepost.config.schema import Config
 from moepost.recipes import signals
@@ -83,8 +83,8 @@ def start_run(cfg: Config, device: torch.device, *, eval_only: bool = False) -> 
 
 def policy_device(cfg: Config) -> torch.device:
     """`misc.device`, or the one GPU of `model.policy_gpu_ids` (single-process runs)."""
-    from moepost.components.model import resolve_device
-    from moepost.components.placement import gpu_ids_device
+    from moepost.components.model.loading import resolve_device
+    from moepost.components.model.placement import gpu_ids_device
     from moepost.errors import UserError
 
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from moepost.components.data_stream import ExampleStream
+from moepost.components.data.stream import ExampleStream
 from moepost.config.schema import Config
 from moepost.errors import UserError
 from moepost.recipes.common import TrainState, take_examples
@@ -91,14 +91,14 @@ class StreamData:
 
 def sft_train_data(cfg: Config, tokenizer: Any) -> tuple[Any, list[Any], dict[str, float], str]:
     """(train data, eval examples, stats, startup line) of an SFT run."""
-    from moepost.components.data import load_sft_data, stream_sft_data
+    from moepost.components.data.loading import load_sft_data, stream_sft_data
 
     if cfg.data.streaming:
         stream, evals, stats = stream_sft_data(cfg.data, cfg.misc, tokenizer, seed=cfg.train.seed)
         return StreamData(stream), evals, stats, _stream_line(cfg, len(evals))
     train, evals, stats = load_sft_data(cfg.data, cfg.misc, tokenizer, seed=cfg.train.seed)
     if cfg.data.packing:
-        from moepost.components.packing import pack_sft
+        from moepost.components.data.packing import pack_sft
 
         train = pack_sft(train, cfg.data.max_seq_length)
     line = (
@@ -111,7 +111,7 @@ def sft_train_data(cfg: Config, tokenizer: Any) -> tuple[Any, list[Any], dict[st
 
 def rl_train_data(cfg: Config, tokenizer: Any) -> tuple[Any, list[Any], dict[str, float], str]:
     """(train data, eval prompts, stats, startup line) of an RL run."""
-    from moepost.components.data import load_rl_data, stream_rl_data
+    from moepost.components.data.loading import load_rl_data, stream_rl_data
 
     if cfg.data.streaming:
         stream, evals, stats = stream_rl_data(cfg.data, cfg.misc, tokenizer, seed=cfg.train.seed)

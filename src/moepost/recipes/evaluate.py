@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from moepost.components.rewards import FAULT_KINDS, reward_state, score_rewards
-from moepost.components.rollout import RolloutEngine, SamplingParams
+from moepost.components.rollout.engine import RolloutEngine, SamplingParams
 from moepost.config.schema import Config
 
 

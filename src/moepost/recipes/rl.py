@@ -26,12 +26,11 @@ from typing import Any
 import torch
 
 from moepost.algorithms.advantages import group_advantages, rewards_to_tensor
-from moepost.components.lm_head import describe_head, head_weight_sharded
-from moepost.components.logging import Console
-from moepost.components.lora import describe_parameters, parameter_report
-from moepost.components.model import load_policy, load_reference, load_tokenizer
-from moepost.components.noise import NoiseInjector
-from moepost.components.placement import gpu_ids_device, place_reward_models
+from moepost.components.model.lm_head import describe_head, head_weight_sharded
+from moepost.components.model.loading import load_policy, load_reference, load_tokenizer
+from moepost.components.model.lora import describe_parameters, parameter_report
+from moepost.components.model.placement import gpu_ids_device, place_reward_models
+from moepost.components.moe.router_tools import RouterTools
 from moepost.components.rewards import (
     RewardScores,
     raise_if_all_none,
@@ -41,8 +40,9 @@ from moepost.components.rewards import (
     score_rewards,
 )
 from moepost.components.rewards.length import overlong_penalty
-from moepost.components.rollout import RolloutBatch, SamplingParams, build_engine
-from moepost.components.router_tools import RouterTools
+from moepost.components.rollout.engine import RolloutBatch, SamplingParams, build_engine
+from moepost.components.training.logging import Console
+from moepost.components.training.noise import NoiseInjector
 from moepost.config.schema import Config
 from moepost.distributed import (
     DistContext,

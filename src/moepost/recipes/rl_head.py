@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from moepost.algorithms.chunked_ce import linear_token_logprobs
-from moepost.components.lm_head import HeadRequest, head_output, head_request
-from moepost.components.packing import without_trailing_padding_mask
+from moepost.components.data.packing import without_trailing_padding_mask
+from moepost.components.model.lm_head import HeadRequest, head_output, head_request
 from moepost.config.schema import Config
 
 if TYPE_CHECKING:

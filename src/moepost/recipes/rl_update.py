@@ -16,10 +16,10 @@ import torch
 
 from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, token_logprobs
 from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
-from moepost.components.lm_head import head_chunk_rows, head_passthrough, head_weight_sharded
-from moepost.components.packing import split_to_count, without_trailing_padding_mask
-from moepost.components.router_tools import RouterTools, Tokens
-from moepost.components.shared_prefix import (
+from moepost.components.data.packing import split_to_count, without_trailing_padding_mask
+from moepost.components.model.lm_head import head_chunk_rows, head_passthrough, head_weight_sharded
+from moepost.components.moe.router_tools import RouterTools, Tokens
+from moepost.components.rollout.shared_prefix import (
     PrefixShare,
     can_share_prefix,
     run_starts,
@@ -394,7 +394,7 @@ def policy_update(
 def tensors_for_step(
     batch: Any, advantages: torch.Tensor, pad_token_id: int, device: torch.device
 ) -> StepTensors:
-    from moepost.components.rollout_layout import build_training_tensors
+    from moepost.components.rollout.layout import build_training_tensors
 
     lay = build_training_tensors(batch.prompt_ids, batch.completion_ids, pad_token_id, device)
     T = lay["num_completion_positions"]

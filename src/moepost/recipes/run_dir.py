@@ -15,8 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from moepost.components import checkpoint as ckpt
-from moepost.components.checkpoint_files import read_manifest
+from moepost.components.training import checkpoint as ckpt
+from moepost.components.training.checkpoint_files import read_manifest
 from moepost.config.load import config_to_dict
 from moepost.config.schema import Config
 from moepost.errors import UserError

@@ -22,22 +22,22 @@ from typing import Any
 import torch
 
 from moepost.algorithms.sft_loss import sft_loss, sft_loss_from_logprobs
-from moepost.components.lm_head import (
+from moepost.components.data.packing import (
+    collate_packed,
+    collate_sft,
+    without_trailing_padding_mask,
+)
+from moepost.components.model.lm_head import (
     HeadRequest,
     describe_head,
     head_chunk_rows,
     head_output,
     head_request,
 )
-from moepost.components.lora import describe_parameters, parameter_report
-from moepost.components.model import load_policy, load_tokenizer
-from moepost.components.packing import (
-    collate_packed,
-    collate_sft,
-    without_trailing_padding_mask,
-)
-from moepost.components.router_tools import RouterTools
-from moepost.components.stability import drop_nonfinite_rows
+from moepost.components.model.loading import load_policy, load_tokenizer
+from moepost.components.model.lora import describe_parameters, parameter_report
+from moepost.components.moe.router_tools import RouterTools
+from moepost.components.training.stability import drop_nonfinite_rows
 from moepost.config.schema import Config
 from moepost.distributed import (
     DistContext,
@@ -91,7 +91,7 @@ def run_sft(
     state = maybe_resume(run, resume, model, opt)
     train_set.restore(state)
     run.say(describe_head(train_model, cfg.train.lm_head_chunk_rows))
-    from moepost.components.logging import Console
+    from moepost.components.training.logging import Console
 
     console = Console(total, "sft", enabled=run.is_main)
     last: dict[str, Any] = {}

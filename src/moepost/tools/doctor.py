@@ -34,14 +34,14 @@ from moepost.algorithms.moe import (
     load_balancing_loss,
     looks_like_probabilities,
 )
-from moepost.components.moe import (
+from moepost.components.moe.capture import (
     RouterCapture,
     capture_routing,
     router_parameters,
     unwrap_model,
 )
-from moepost.components.rollout import build_training_tensors
-from moepost.components.router_tools import RouterTools
+from moepost.components.moe.router_tools import RouterTools
+from moepost.components.rollout.engine import build_training_tensors
 from moepost.config.schema import Config
 from moepost.tools.doctor_rollout import measure_rollout_gap
 from moepost.tools.doctor_router import custom_router_checks, has_custom_router
@@ -85,12 +85,12 @@ def doctor_prompts(cfg: Config, tokenizer: Any, n: int = NUM_PROMPTS) -> list[li
     RL: the prompts as the recipe builds them. SFT: each example up to its first trained token
     (the prompt part), or its first half when every token is trained (plain text).
     """
-    from moepost.components.data import load_rl_data, load_sft_data
-    from moepost.components.data_formats import IGNORE_INDEX
+    from moepost.components.data.formats import IGNORE_INDEX
+    from moepost.components.data.loading import load_rl_data, load_sft_data
 
     seed = cfg.train.seed
     if cfg.data.streaming:  # the stream's first n examples; the source may not fit in memory
-        from moepost.components.data import stream_rl_data, stream_sft_data
+        from moepost.components.data.loading import stream_rl_data, stream_sft_data
 
         loader = stream_rl_data if cfg.stage == "rl" else stream_sft_data
         stream, _, _ = loader(cfg.data, cfg.misc, tokenizer, seed=seed)
@@ -122,7 +122,7 @@ def _guard(name: str, fn: Callable[[], Check | list[Check]]) -> list[Check]:
 
 def prepare(config_path: str | None, overrides: list[str]) -> DoctorSetup:
     """Config, tokenizer, prompts and the model set up as the run would set it up."""
-    from moepost.components.model import load_policy, load_tokenizer, resolve_device
+    from moepost.components.model.loading import load_policy, load_tokenizer, resolve_device
     from moepost.config.load import load_config
 
     cfg = load_config(config_path, overrides)

@@ -10,8 +10,12 @@ import torch
 
 from moepost.algorithms.logprobs import token_logprobs
 from moepost.algorithms.moe import routing_drift
-from moepost.components.moe import RouterCapture, capture_routing, replay_routing
-from moepost.components.rollout import HFRolloutEngine, SamplingParams, build_training_tensors
+from moepost.components.moe.capture import RouterCapture, capture_routing, replay_routing
+from moepost.components.rollout.engine import (
+    HFRolloutEngine,
+    SamplingParams,
+    build_training_tensors,
+)
 
 if TYPE_CHECKING:
     from moepost.tools.doctor import DoctorSetup

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moepost.components.moe import capture_routing, replay_routing
-from moepost.components.rollout import build_training_tensors
+from moepost.components.moe.capture import capture_routing, replay_routing
+from moepost.components.rollout.engine import build_training_tensors
 
 if TYPE_CHECKING:
     from moepost.tools.doctor import Check, DoctorSetup

@@ -14,7 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
-from moepost.components.model import ADAPTER_CONFIG, hub_kwargs
+from moepost.components.model.loading import ADAPTER_CONFIG, hub_kwargs
 from moepost.config.schema import MiscConfig
 from moepost.distributed.sharded_checkpoint import is_sharded
 from moepost.errors import UserError

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from moepost.components.model import ADAPTER_CONFIG, hub_kwargs
+from moepost.components.model.loading import ADAPTER_CONFIG, hub_kwargs
 from moepost.config.schema import MiscConfig
 from moepost.distributed.sharded_checkpoint import load_sharded_weights
 

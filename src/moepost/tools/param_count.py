@@ -62,7 +62,7 @@ def read_model_config(cfg: Config) -> Any:
     """The policy's config.json (the base model's for an adapter folder); no weights are read."""
     from transformers import AutoConfig
 
-    from moepost.components.model import ADAPTER_CONFIG, hub_kwargs
+    from moepost.components.model.loading import ADAPTER_CONFIG, hub_kwargs
 
     name = cfg.model.policy_name_or_path
     key = "model.policy_name_or_path"
@@ -109,7 +109,7 @@ def _is_adapter(name: str) -> bool:
 
 def counts_from_model(model: nn.Module) -> ParamCounts:
     """Exact counts of a built model (plain or peft-wrapped, real or on the meta device)."""
-    from moepost.components.moe import find_moe_layers, unwrap_model
+    from moepost.components.moe.capture import find_moe_layers, unwrap_model
 
     root = unwrap_model(model)
     infos = find_moe_layers(model)
@@ -148,8 +148,8 @@ def _meta_counts(config: Any, cfg: Config, dtype: torch.dtype) -> ParamCounts:
     """Build the model on the meta device, set it up as the run would, and count."""
     from transformers import AutoModelForCausalLM
 
-    from moepost.components.lora import apply_lora
-    from moepost.components.moe import freeze_router
+    from moepost.components.model.lora import apply_lora
+    from moepost.components.moe.capture import freeze_router
 
     with warnings.catch_warnings(), torch.device("meta"):
         warnings.simplefilter("ignore")  # deprecation chatter from transformers / peft

@@ -84,7 +84,7 @@ def load_entropy(model_dir: Path, eval_file: Path, limit: int = 64) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moepost.components.router_tools import RouterTools
+    from moepost.components.moe.router_tools import RouterTools
     from moepost.config.schema import MoEConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -17,7 +17,7 @@ _STEP = os.environ.get("MOEPOST_TEST_EXIT_AFTER_STEP")
 if _STEP:
     from typing import Any
 
-    from moepost.components.logging import RunLogger
+    from moepost.components.training.logging import RunLogger
 
     _log = RunLogger.log
 

@@ -31,7 +31,7 @@ from typing import Any, Literal
 
 import torch
 
-from moepost.components.prompting import apply_prompt_template, postprocess_translation
+from moepost.components.data.prompting import apply_prompt_template, postprocess_translation
 from moepost.components.rewards.convention import texts as completion_texts
 from moepost.errors import UserError
 

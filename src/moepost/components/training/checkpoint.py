@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from moepost.components.checkpoint_files import (
+from moepost.components.training.checkpoint_files import (
     MANIFEST,
     manifest_problem,
     remove_dir,

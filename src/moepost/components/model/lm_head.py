@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from moepost.algorithms.chunked_ce import linear_token_logprobs
-from moepost.components.moe_routers import unwrap_model
+from moepost.components.moe.routers import unwrap_model
 from moepost.errors import UserError
 
 # Config attributes of architectures that transform the logits after the head (Gemma 2/3

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moepost.components.moe_routers import unwrap_model
+from moepost.components.moe.routers import unwrap_model
 
 NAME = "moepost_grouped"
 PADDED_MAX_ROWS = 64  # padded-bmm path only up to this many rows per expert

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from moepost.components.moe import RouterCapture
+from moepost.components.moe.capture import RouterCapture
 
 
 def _positions(rows: torch.Tensor | None, n: int) -> list[int]:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from moepost.components.moe_routers import MoELayerInfo
+from moepost.components.moe.routers import MoELayerInfo
 
 _TOPK = (torch.topk, torch.Tensor.topk)
 _KEY_HINT = "set moe.router_module to the module that computes the router logits"

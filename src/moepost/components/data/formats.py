@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from moepost.components.chat_formats import chat_format_name, template_fields
+from moepost.components.data.chat_formats import chat_format_name, template_fields
 from moepost.config.schema import DataConfig
 from moepost.errors import UserError
 

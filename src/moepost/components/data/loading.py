@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from moepost.components.chat_formats import TextGuard, chat_format_name, check_chat_format
-from moepost.components.data_files import read_hub_cached, read_rows
-from moepost.components.data_formats import (
+from moepost.components.data.chat_formats import TextGuard, chat_format_name, check_chat_format
+from moepost.components.data.files import read_hub_cached, read_rows
+from moepost.components.data.formats import (
     IGNORE_INDEX,
     Conversation,
     Record,
@@ -29,7 +29,7 @@ from moepost.components.data_formats import (
     tokenize_conversation,
     tokenize_text,
 )
-from moepost.components.data_stream import ExampleStream, RowStream, stream_source
+from moepost.components.data.stream import ExampleStream, RowStream, stream_source
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
 

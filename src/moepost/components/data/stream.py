@@ -68,7 +68,7 @@ def file_stream(path: Path, key: str) -> Callable[[], Any]:
     def open_file() -> Any:
         import datasets
 
-        from moepost.components.data_files import hub_offline
+        from moepost.components.data.files import hub_offline
 
         with hub_offline():
             return datasets.load_dataset(
@@ -80,7 +80,7 @@ def file_stream(path: Path, key: str) -> Callable[[], Any]:
 
 def stream_source(cfg: DataConfig, misc: MiscConfig) -> StreamSource:
     """The training source of `cfg` as a stream (`data.train_file` or `data.dataset_name`)."""
-    from moepost.components.data_files import load_disk_dataset, load_hub_cached
+    from moepost.components.data.files import load_disk_dataset, load_hub_cached
 
     if cfg.train_file:
         p = Path(cfg.train_file).expanduser()
@@ -110,7 +110,7 @@ def stream_error(source: StreamSource, exc: Exception, number: int) -> UserError
     Its JSON / UTF-8 errors name a byte position in a block, not a line, so a local text file
     is re-read line by line (only now, on the error path) to name the first bad line.
     """
-    from moepost.components.data_files import check_json_lines, check_utf8_lines, read_rows
+    from moepost.components.data.files import check_json_lines, check_utf8_lines, read_rows
 
     if source.file is not None:
         suffix = source.file.suffix.lower()

@@ -22,12 +22,12 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
-from moepost.components.kv_cache import cache_kwargs, drop_finished_rows, reserved_cache
-from moepost.components.rollout_layout import (  # noqa: F401 (build_training_tensors: re-export)
+from moepost.components.rollout.kv_cache import cache_kwargs, drop_finished_rows, reserved_cache
+from moepost.components.rollout.layout import (  # noqa: F401 (build_training_tensors: re-export)
     build_training_tensors,
     real_positions,
 )
-from moepost.components.sampling import sample_tokens
+from moepost.components.rollout.sampling import sample_tokens
 from moepost.errors import UserError
 
 StepCallback = Callable[[int, str], None]
@@ -410,7 +410,7 @@ class HFRolloutEngine:
 
 
 def _vllm_engine(model: torch.nn.Module, tokenizer: Any, **kwargs: Any) -> RolloutEngine:
-    from moepost.components.rollout_vllm import VLLMRolloutEngine
+    from moepost.components.rollout.vllm_engine import VLLMRolloutEngine
 
     return VLLMRolloutEngine(model, tokenizer, **kwargs)
 

@@ -38,8 +38,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from moepost.components.moe_block_hooks import BlockTopkHooks, in_backward, merge_routes
-from moepost.components.moe_routers import (
+from moepost.components.moe.block_hooks import BlockTopkHooks, in_backward, merge_routes
+from moepost.components.moe.routers import (
     MoELayerInfo,
     find_moe_layers,
     freeze_router,

@@ -23,9 +23,9 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from moepost.components.kv_cache import cache_kwargs
-from moepost.components.moe_routers import unwrap_model
-from moepost.components.packing import without_trailing_padding_mask
+from moepost.components.data.packing import without_trailing_padding_mask
+from moepost.components.moe.routers import unwrap_model
+from moepost.components.rollout.kv_cache import cache_kwargs
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moepost.components import experts
-from moepost.components.lora import apply_lora
+from moepost.components.model.lora import apply_lora
+from moepost.components.moe import experts
 from moepost.config.schema import MiscConfig, ModelConfig
 from moepost.errors import UserError
 

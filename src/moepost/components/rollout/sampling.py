@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from moepost.components.rollout import SamplingParams
+    from moepost.components.rollout.engine import SamplingParams
 
 
 def sample_tokens(

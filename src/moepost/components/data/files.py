@@ -123,7 +123,7 @@ def load_disk_dataset(path: Path, key: str, split: str) -> Any:
 
 def _read_csv(path: Path, key: str) -> list[dict[str, Any]]:
     """CSV rows as the streaming reader gives them (datasets' csv builder), so both agree."""
-    from moepost.components.data_stream import file_stream, read_stream
+    from moepost.components.data.stream import file_stream, read_stream
 
     return list(read_stream(file_stream(path, key), key, path))
 

@@ -45,7 +45,7 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         with path.open("a", encoding="utf-8") as f:
             f.write(line)
     except OSError as e:
-        from moepost.components.checkpoint_files import DiskFullError, is_disk_full
+        from moepost.components.training.checkpoint_files import DiskFullError, is_disk_full
 
         if not is_disk_full(e):
             raise

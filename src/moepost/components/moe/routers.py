@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moepost.components.moe_discovery import (
+from moepost.components.moe.discovery import (
     KEY,
     block_num_experts,
     block_top_k,
@@ -35,7 +35,7 @@ from moepost.components.moe_discovery import (
     router_weight,
     warn_once,
 )
-from moepost.components.moe_discovery import bare as _bare_module
+from moepost.components.moe.discovery import bare as _bare_module
 from moepost.errors import UserError
 
 # block_topk: a router moepost has not verified; the block's own top-k is intercepted.

@@ -22,8 +22,7 @@ from moepost.algorithms.moe import (
     routing_counts,
     routing_drift,
 )
-from moepost.components.experts import experts_in_use
-from moepost.components.moe import (
+from moepost.components.moe.capture import (
     ReplaySource,
     RouterCapture,
     capture_routing,
@@ -32,9 +31,10 @@ from moepost.components.moe import (
     replay_routing,
     unwrap_model,
 )
-from moepost.components.moe_discovery import set_router_module
-from moepost.components.rollout_routes import rollout_row_routes
-from moepost.components.shared_prefix import PrefixShare
+from moepost.components.moe.discovery import set_router_module
+from moepost.components.moe.experts import experts_in_use
+from moepost.components.rollout.routes import rollout_row_routes
+from moepost.components.rollout.shared_prefix import PrefixShare
 from moepost.config.schema import MoEConfig
 
 ALL = slice(None)  # every column of a micro-batch's rows

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from moepost.components.moe_routers import unwrap_model
+from moepost.components.moe.routers import unwrap_model
 
 
 class ReservedLayer(DynamicLayer):

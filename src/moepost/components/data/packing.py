@@ -28,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from moepost.components.data_formats import IGNORE_INDEX, SFTExample
+from moepost.components.data.formats import IGNORE_INDEX, SFTExample
 
 PackedMask = Literal["bool", "float", "flat"]
 

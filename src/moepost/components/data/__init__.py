@@ -1,0 +1,1 @@
+"""Data files and datasets, their row formats, chat templates, prompt templates, batching."""

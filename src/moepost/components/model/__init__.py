@@ -1,0 +1,1 @@
+"""Loading the policy / reference / tokenizer, LoRA, the chunked LM head, device placement."""

@@ -1,0 +1,1 @@
+"""MoE routers: discovery, capture, replay, freezing, the experts forward, router policy."""

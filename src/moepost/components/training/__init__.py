@@ -1,0 +1,1 @@
+"""Checkpoints, optimizer, noise injection, numerical-stability glue, run logging."""
