@@ -10,14 +10,13 @@ from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 from moepost.components.data.loading import IGNORE_INDEX, SFTExample
 from moepost.components.data.packing import (
     PackedRow,
-    batch_by_tokens,
     collate_packed,
     collate_sft,
     pack_sft,
     packed_mask_for,
-    split_to_count,
     without_trailing_padding_mask,
 )
+from moepost.micro_batches import batch_by_tokens, split_to_count
 
 VOCAB = 97
 

@@ -11,6 +11,7 @@ Rank 0 writes what the test asserts to OUT/results.json.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from functools import partial
@@ -27,7 +28,8 @@ from moepost.components.rollout.engine import build_training_tensors
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
 from moepost.recipes import rl_update
-from moepost.recipes.rl_update import StepTensors, plan_micro_batches, policy_update
+from moepost.recipes.rl_update import plan_micro_batches, policy_update
+from moepost.recipes.step_tensors import StepTensors
 
 GROUP = 2
 NUM_PROMPTS = 4  # 8 rows: 4 per rank, 2 micro-batches of 2 per rank
@@ -126,9 +128,9 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
         per = len(prompts) // world
         mine = slice(rank * per, (rank + 1) * per)  # whole groups: GROUP divides per
         local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
-        local.shared_prefix = shared
+        local = dataclasses.replace(local, shared_prefix=shared)
         alone = len(plan_micro_batches(local, cfg))
-        local.micro_batches = plan_micro_batches(local, cfg, ctx)
+        local = dataclasses.replace(local, micro_batches=plan_micro_batches(local, cfg, ctx))
         shared_calls: list[int] = []
         rl_update.shared_prefix_logits = partial(_counted, shared_calls, REAL_SHARED)
         try:

@@ -16,6 +16,7 @@ Rank 0 writes what the test asserts to OUT/results.json.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import sys
@@ -151,7 +152,7 @@ def update_case(rl_cfg: str, rank: int, world: int, stage: int, algorithm: str, 
     per = len(prompts) // world
     mine = slice(rank * per, (rank + 1) * per)
     local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
-    local.micro_batches = plan_micro_batches(local, cfg, ctx)
+    local = dataclasses.replace(local, micro_batches=plan_micro_batches(local, cfg, ctx))
     m_dp = policy_update(engine, local, cfg, router, update_index=0, dist=ctx)
     grads = full_grads(model)
     m_dp.update(ctx.optimizer_step(opt))

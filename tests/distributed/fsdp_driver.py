@@ -9,6 +9,7 @@ process on all groups. Rank 0 writes OUT/results.json before any crash run start
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -49,7 +50,7 @@ def _one_case(rl_cfg: str, name: str, extra: list[str], rank: int, world: int) -
     opt_one = Optimization(one, cfg, 10)
     t = step_tensors(prompts, completions, adv, 0)
     if lora:  # the reference is the policy with its adapters off
-        t.ref_logprobs = logprob_pass(one, t, cfg, disable_adapter=True)
+        t = dataclasses.replace(t, ref_logprobs=logprob_pass(one, t, cfg, disable_adapter=True))
     before = {k: v.detach().clone() for k, v in one.state_dict().items()}
     m_one = policy_update(one, t, cfg, RouterTools(one, cfg.moe), update_index=0)
     m_one.update(opt_one.step())
@@ -63,11 +64,12 @@ def _one_case(rl_cfg: str, name: str, extra: list[str], rank: int, world: int) -
     per = len(prompts) // world
     mine = slice(rank * per, (rank + 1) * per)
     local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
-    local.shared_prefix = shared
-    local.micro_batches = plan_micro_batches(local, cfg, ctx)
+    local = dataclasses.replace(local, shared_prefix=shared)
+    local = dataclasses.replace(local, micro_batches=plan_micro_batches(local, cfg, ctx))
     ref_diff = 0.0
     if lora:
-        local.ref_logprobs = logprob_pass(model, local, cfg, disable_adapter=True)
+        ref = logprob_pass(model, local, cfg, disable_adapter=True)
+        local = dataclasses.replace(local, ref_logprobs=ref)
         ref_diff = float((local.ref_logprobs - t.ref_logprobs[mine]).abs().max())
     m = policy_update(model, local, cfg, router, update_index=0, dist=ctx)
     m.update(ctx.optimizer_step(opt))

@@ -97,7 +97,7 @@ def rollout_tensors(prompts: list[list[int]], completions: list[list[int]]) -> A
 
     import torch
 
-    from moepost.recipes.rl_update import tensors_for_step
+    from moepost.recipes.step_tensors import tensors_for_step
 
     width = max(1, max(len(c) for c in completions))
     batch = SimpleNamespace(

@@ -103,7 +103,7 @@ def test_trimmed_pad_columns_change_nothing_under_r3(
 ) -> None:
     """Micro-batches drop the left-pad columns all their rows share (and a mask that is then
     trailing-only): losses, KL, gaps and R3 replay/drift equal the full-width run."""
-    from moepost.recipes.rl_update import StepTensors
+    from moepost.recipes.step_tensors import StepTensors
 
     _perturbed_rollout_routers(monkeypatch, scale=0.5)
     rows_in = format_rows("gsm8k", n=12)

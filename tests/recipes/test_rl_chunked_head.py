@@ -4,6 +4,7 @@ layouts, with temperature, `stability.logits_clip` and `stability.logprob_min` s
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from moepost.components.moe.router_tools import RouterTools
 from moepost.config.schema import Config
-from moepost.recipes.rl_update import StepTensors, logprob_pass, policy_update
+from moepost.config.validate import resolve_rl_presets
+from moepost.recipes.rl_update import logprob_pass, policy_update
+from moepost.recipes.step_tensors import StepTensors
 
 PROMPTS = [[5, 6, 7]] * 3 + [[8, 9, 10, 11, 12, 13]] * 2 + [[14, 15]]
 COMPLETIONS = [[20, 21, 22, 23], [24], [25, 26], [27, 28, 29], [], [30, 31]]
@@ -21,13 +24,18 @@ COMPLETIONS = [[20, 21, 22, 23], [24], [25, 26], [27, 28, 29], [], [30, 31]]
 
 def _tensors(layout: str) -> StepTensors:
     t = rollout_tensors(PROMPTS, COMPLETIONS)
-    t.packed = layout == "packed"
-    t.shared_prefix = layout == "shared"
     g = torch.Generator().manual_seed(5)
-    t.advantages = torch.randn(6, generator=g)
-    t.old_logprobs = -4.0 + 1.5 * torch.randn(t.completion_mask.shape, generator=g)
-    t.ref_logprobs = -4.0 + torch.randn(t.completion_mask.shape, generator=g)
-    return t
+    advantages = torch.randn(6, generator=g)
+    old_logprobs = -4.0 + 1.5 * torch.randn(t.completion_mask.shape, generator=g)
+    ref_logprobs = -4.0 + torch.randn(t.completion_mask.shape, generator=g)
+    return dataclasses.replace(
+        t,
+        packed=layout == "packed",
+        shared_prefix=layout == "shared",
+        advantages=advantages,
+        old_logprobs=old_logprobs,
+        ref_logprobs=ref_logprobs,
+    )
 
 
 def _cfg(chunk_rows: int, algorithm: str) -> Config:
@@ -41,6 +49,7 @@ def _cfg(chunk_rows: int, algorithm: str) -> Config:
     cfg.generation.temperature = 0.8
     cfg.stability.logits_clip = 0.5  # the tiny model's logits reach it: some are clamped
     cfg.stability.logprob_min = -4.7  # and some log-probs hit the floor
+    resolve_rl_presets(cfg)  # the rest from the preset, as config loading does
     return cfg
 
 

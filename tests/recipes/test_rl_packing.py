@@ -3,6 +3,7 @@ gives the log-probs and gradients of the padded layout."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,19 +13,17 @@ from transformers import AutoModelForCausalLM
 
 from moepost.config.schema import Config
 from moepost.recipes.rl_update import (
-    StepTensors,
     completion_logits,
     logprob_pass,
 )
+from moepost.recipes.step_tensors import StepTensors
 
 PROMPTS = [[5, 6, 7], [8, 9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19]]
 COMPLETIONS = [[20, 21, 22, 23], [24], [25, 26], []]  # the last row produced nothing
 
 
 def _tensors(packed: bool) -> StepTensors:
-    t = rollout_tensors(PROMPTS, COMPLETIONS)
-    t.packed = packed
-    return t
+    return dataclasses.replace(rollout_tensors(PROMPTS, COMPLETIONS), packed=packed)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

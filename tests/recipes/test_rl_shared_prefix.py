@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,13 @@ from transformers import AutoModelForCausalLM
 from moepost.components.model.loading import enable_gradient_checkpointing
 from moepost.components.rollout.shared_prefix import PrefixShare, can_share_prefix
 from moepost.config.schema import Config
+from moepost.config.validate import resolve_rl_presets
 from moepost.distributed import DistContext
 from moepost.recipes.rl_update import (
-    StepTensors,
     completion_logits,
     shared_prefix_off,
 )
+from moepost.recipes.step_tensors import StepTensors
 
 
 def test_find_groups_consecutive_equal_prefixes_and_maps_tokens_both_ways() -> None:
@@ -69,9 +71,7 @@ COMPLETIONS = [[20, 21, 22, 23], [24], [25, 26], [27, 28, 29], [], [30, 31]]
 
 
 def _tensors() -> StepTensors:
-    t = rollout_tensors(PROMPTS, COMPLETIONS)
-    t.shared_prefix = True
-    return t
+    return dataclasses.replace(rollout_tensors(PROMPTS, COMPLETIONS), shared_prefix=True)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -121,8 +121,7 @@ def test_sharing_is_off_where_it_cannot_run(tiny_model: Path) -> None:
     enable_gradient_checkpointing(model)
     assert "checkpointing" in str(can_share_prefix(model))
     assert "checkpointing" in str(shared_prefix_off(Config(), one, model))
-    t = _tensors()
-    t.shared_prefix = False
+    t = dataclasses.replace(_tensors(), shared_prefix=False)
     assert t.share(slice(0, 6)) is None
 
 
@@ -144,7 +143,9 @@ def test_token_budget_counts_each_shared_prompt_once() -> None:
     # 30: rows 0-3 feed 28; adding row 4 gives 2 x 6 + 5 x 4 = 32. Rows 4-5: 2 x 6 + 8 = 20.
     assert plan(30) == [(0, 4), (4, 6)]
     assert plan(5) == [(i, i + 1) for i in range(6)]  # every row alone is over the budget
-    t.shared_prefix = False  # padded cost, rows x widest: 3 x 7 = 21, then 3 x 10 = 30
+    t = dataclasses.replace(
+        t, shared_prefix=False
+    )  # padded cost, rows x widest: 3 x 7 = 21, then 3 x 10 = 30
     assert plan(30) == [(0, 3), (3, 6)]
 
 
@@ -169,7 +170,7 @@ def test_shared_prefix_under_lora_and_its_reference_pass(tiny_model: Path) -> No
     mask = t.completion_mask.bool()
     passes = {}
     for shared in (False, True):
-        t.shared_prefix = shared
+        t = dataclasses.replace(t, shared_prefix=shared)
         passes[shared] = (
             logprob_pass(model, t, cfg),
             logprob_pass(model, t, cfg, disable_adapter=True),
@@ -179,7 +180,7 @@ def test_shared_prefix_under_lora_and_its_reference_pass(tiny_model: Path) -> No
     assert (passes[False][0][mask] - passes[False][1][mask]).abs().max() > 1e-3  # adapters act
     grads = []
     for shared in (False, True):
-        t.shared_prefix = shared
+        t = dataclasses.replace(t, shared_prefix=shared)
         model.zero_grad()
         logits = completion_logits(model, t, slice(0, 6), t.share(slice(0, 6)))
         picked = logits.log_softmax(-1).gather(-1, t.completion_ids[..., None])[..., 0]
@@ -200,17 +201,19 @@ def test_gspo_sequence_metrics_do_not_depend_on_the_micro_batch_split(tiny_model
     cfg = Config()  # gspo, with the preset's values filled in as config loading does
     cfg.rl.clip_eps_low, cfg.rl.clip_eps_high, cfg.rl.kl_coef = 3e-4, 4e-4, 0.0
     cfg.rl.loss_aggregation = "seq_mean_token_mean"
+    resolve_rl_presets(cfg)
     g = torch.Generator().manual_seed(5)
     logged = []
     for split in ([slice(0, 2), slice(2, 6)], [slice(0, 1), slice(1, 5), slice(5, 6)]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_pretrained(tiny_model)
-        t = _tensors()
         g.manual_seed(5)
-        t.advantages = torch.randn(6, generator=g)
+        advantages = torch.randn(6, generator=g)
         # old log-probs away from the current ones: some sequences clip, some do not
-        t.old_logprobs = -4.0 + 1.5 * torch.randn(t.completion_mask.shape, generator=g)
-        t.micro_batches = split
+        old = -4.0 + 1.5 * torch.randn((6, 4), generator=g)
+        t = dataclasses.replace(
+            _tensors(), advantages=advantages, old_logprobs=old, micro_batches=split
+        )
         logged.append(policy_update(model, t, cfg, RouterTools(model, cfg.moe), update_index=0))
     assert 0.0 < logged[0]["clip_frac"] < 1.0, logged[0]["clip_frac"]  # the check is not vacuous
     for key in ("clip_frac", "ratio_mean", "loss", "kl"):

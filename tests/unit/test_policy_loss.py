@@ -234,10 +234,10 @@ def test_micro_batches_sum_to_one_batch(algorithm: str) -> None:
     ref = old - 0.1
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
     kwargs = {
-        "ratio_level": preset["ratio_level"],
+        "ratio_level": preset.ratio_level,
         "clip_eps_low": 0.1,
         "clip_eps_high": 0.1,
-        "aggregation": preset["aggregation"],
+        "aggregation": preset.aggregation,
         "kl_coef": 0.05,
         "ref_logprobs": ref,
         "max_new_tokens": 5,
@@ -291,24 +291,24 @@ def test_presets_table() -> None:
         "cispo",
     }
     gspo = ALGORITHM_PRESETS["gspo"]
-    assert (gspo["ratio_level"], gspo["clip_eps_low"], gspo["clip_eps_high"]) == (
+    assert (gspo.ratio_level, gspo.clip_eps_low, gspo.clip_eps_high) == (
         "sequence",
         3e-4,
         4e-4,
     )
-    assert ALGORITHM_PRESETS["grpo"]["kl_coef"] == 0.04
-    assert ALGORITHM_PRESETS["dapo"]["clip_eps_high"] == 0.28
-    assert ALGORITHM_PRESETS["dapo"]["aggregation"] == "token_mean"
-    assert ALGORITHM_PRESETS["dapo"]["dynamic_sampling"] is True
-    assert ALGORITHM_PRESETS["dr_grpo"]["aggregation"] == "seq_mean_token_sum_norm"
-    assert ALGORITHM_PRESETS["dr_grpo"]["advantage_mode"] == "mean"
-    assert ALGORITHM_PRESETS["rloo"]["advantage_mode"] == "rloo"
-    assert ALGORITHM_PRESETS["reinforce"]["ratio_level"] == "none"
-    assert ALGORITHM_PRESETS["cispo"]["ratio_level"] == "cispo"
+    assert ALGORITHM_PRESETS["grpo"].kl_coef == 0.04
+    assert ALGORITHM_PRESETS["dapo"].clip_eps_high == 0.28
+    assert ALGORITHM_PRESETS["dapo"].aggregation == "token_mean"
+    assert ALGORITHM_PRESETS["dapo"].dynamic_sampling is True
+    assert ALGORITHM_PRESETS["dr_grpo"].aggregation == "seq_mean_token_sum_norm"
+    assert ALGORITHM_PRESETS["dr_grpo"].advantage_mode == "mean"
+    assert ALGORITHM_PRESETS["rloo"].advantage_mode == "rloo"
+    assert ALGORITHM_PRESETS["reinforce"].ratio_level == "none"
+    assert ALGORITHM_PRESETS["cispo"].ratio_level == "cispo"
     # every preset's loss fields are accepted by policy_loss
     loss_keys = ("ratio_level", "clip_eps_low", "clip_eps_high", "aggregation", "kl_coef")
     for preset in ALGORITHM_PRESETS.values():
-        kwargs = {k: preset[k] for k in (*loss_keys, "kl_estimator")}
+        kwargs = {k: getattr(preset, k) for k in (*loss_keys, "kl_estimator")}
         loss, _ = policy_loss(
             torch.zeros(1, 2),
             torch.zeros(1, 2),

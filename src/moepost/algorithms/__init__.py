@@ -20,7 +20,7 @@ from moepost.algorithms.moe import (
     routing_drift,
 )
 from moepost.algorithms.noise import aqn_sigma, inject_noise_, restore_
-from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
+from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, AlgorithmPreset, policy_loss
 from moepost.algorithms.sft_loss import sft_loss, shift_labels
 from moepost.algorithms.sr_adamw import StochasticRoundingAdamW
 from moepost.algorithms.stability import (
@@ -37,6 +37,7 @@ entropy = entropy_from_logits
 
 __all__ = [
     "ALGORITHM_PRESETS",
+    "AlgorithmPreset",
     "GlobalAdaptiveClipper",
     "PerTensorAdaptiveClipper",
     "StochasticRoundingAdamW",

@@ -5,7 +5,10 @@ CISPO. They differ in three choices only: the ratio level, the clip range and th
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Literal
 
 import torch
 
@@ -18,88 +21,114 @@ RATIO_LEVELS: tuple[str, ...] = ("token", "sequence", "sequence_token", "none", 
 
 _LOG_RATIO_CLAMP = 20.0
 
-# Defaults per algorithm (ALGORITHMS.md, "Algorithm presets"); any field can be overridden.
-# The first six keys are policy_loss keyword arguments. clip_eps_* of "none" are unused, and
-# CISPO uses only clip_eps_high (its weight is min(r, 1 + eps_high)).
-ALGORITHM_PRESETS: dict[str, dict[str, Any]] = {
-    "gspo": {
-        "ratio_level": "sequence",
-        "clip_eps_low": 3e-4,
-        "clip_eps_high": 4e-4,
-        "aggregation": "seq_mean_token_mean",
-        "kl_coef": 0.0,
-        "kl_estimator": "k3",
-        "advantage_mode": "std",
-        "dynamic_sampling": False,
-        "overlong_shaping": False,
-    },
-    "grpo": {
-        "ratio_level": "token",
-        "clip_eps_low": 0.2,
-        "clip_eps_high": 0.2,
-        "aggregation": "seq_mean_token_mean",
-        "kl_coef": 0.04,
-        "kl_estimator": "k3",
-        "advantage_mode": "std",
-        "dynamic_sampling": False,
-        "overlong_shaping": False,
-    },
-    "dapo": {
-        "ratio_level": "token",
-        "clip_eps_low": 0.2,
-        "clip_eps_high": 0.28,
-        "aggregation": "token_mean",
-        "kl_coef": 0.0,
-        "kl_estimator": "k3",
-        "advantage_mode": "std",
-        "dynamic_sampling": True,
-        "overlong_shaping": True,
-    },
-    "dr_grpo": {
-        "ratio_level": "token",
-        "clip_eps_low": 0.2,
-        "clip_eps_high": 0.2,
-        "aggregation": "seq_mean_token_sum_norm",
-        "kl_coef": 0.0,
-        "kl_estimator": "k3",
-        "advantage_mode": "mean",
-        "dynamic_sampling": False,
-        "overlong_shaping": False,
-    },
-    "reinforce": {
-        "ratio_level": "none",
-        "clip_eps_low": 0.2,
-        "clip_eps_high": 0.2,
-        "aggregation": "seq_mean_token_mean",
-        "kl_coef": 0.0,
-        "kl_estimator": "k3",
-        "advantage_mode": "mean",
-        "dynamic_sampling": False,
-        "overlong_shaping": False,
-    },
-    "rloo": {
-        "ratio_level": "none",
-        "clip_eps_low": 0.2,
-        "clip_eps_high": 0.2,
-        "aggregation": "seq_mean_token_mean",
-        "kl_coef": 0.0,
-        "kl_estimator": "k3",
-        "advantage_mode": "rloo",
-        "dynamic_sampling": False,
-        "overlong_shaping": False,
-    },
-    "cispo": {
-        "ratio_level": "cispo",
-        "clip_eps_low": 0.2,
-        "clip_eps_high": 0.28,
-        "aggregation": "token_mean",
-        "kl_coef": 0.0,
-        "kl_estimator": "k3",
-        "advantage_mode": "std",
-        "dynamic_sampling": False,
-        "overlong_shaping": False,
-    },
-}
+AdvantageMode = Literal["std", "mean", "rloo"]
+
+
+@dataclass(frozen=True)
+class AlgorithmPreset:
+    """One algorithm's defaults (ALGORITHMS.md, "Algorithm presets"). Config loading copies
+    them into every `rl.*` field left unset (`config.validate.resolve_rl_presets`), once; the
+    run then reads `cfg.rl`, never this table.
+
+    ratio_level .. kl_estimator are `policy_loss` keyword arguments (clip_eps_* of "none" are
+    unused; CISPO uses only clip_eps_high: its weight is min(r, 1 + eps_high)). advantage_mode:
+    "std" divides group advantages by the group's std, "mean" subtracts the mean only, "rloo"
+    is the leave-one-out baseline.
+    """
+
+    ratio_level: RatioLevel
+    clip_eps_low: float
+    clip_eps_high: float
+    aggregation: Aggregation
+    kl_coef: float
+    kl_estimator: KLEstimator
+    advantage_mode: AdvantageMode
+    dynamic_sampling: bool
+    overlong_shaping: bool
+
+
+# Read-only: a preset is a value, not a place to patch a run's settings.
+ALGORITHM_PRESETS: Mapping[str, AlgorithmPreset] = MappingProxyType(
+    {
+        "gspo": AlgorithmPreset(
+            ratio_level="sequence",
+            clip_eps_low=3e-4,
+            clip_eps_high=4e-4,
+            aggregation="seq_mean_token_mean",
+            kl_coef=0.0,
+            kl_estimator="k3",
+            advantage_mode="std",
+            dynamic_sampling=False,
+            overlong_shaping=False,
+        ),
+        "grpo": AlgorithmPreset(
+            ratio_level="token",
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            aggregation="seq_mean_token_mean",
+            kl_coef=0.04,
+            kl_estimator="k3",
+            advantage_mode="std",
+            dynamic_sampling=False,
+            overlong_shaping=False,
+        ),
+        "dapo": AlgorithmPreset(
+            ratio_level="token",
+            clip_eps_low=0.2,
+            clip_eps_high=0.28,
+            aggregation="token_mean",
+            kl_coef=0.0,
+            kl_estimator="k3",
+            advantage_mode="std",
+            dynamic_sampling=True,
+            overlong_shaping=True,
+        ),
+        "dr_grpo": AlgorithmPreset(
+            ratio_level="token",
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            aggregation="seq_mean_token_sum_norm",
+            kl_coef=0.0,
+            kl_estimator="k3",
+            advantage_mode="mean",
+            dynamic_sampling=False,
+            overlong_shaping=False,
+        ),
+        "reinforce": AlgorithmPreset(
+            ratio_level="none",
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            aggregation="seq_mean_token_mean",
+            kl_coef=0.0,
+            kl_estimator="k3",
+            advantage_mode="mean",
+            dynamic_sampling=False,
+            overlong_shaping=False,
+        ),
+        "rloo": AlgorithmPreset(
+            ratio_level="none",
+            clip_eps_low=0.2,
+            clip_eps_high=0.2,
+            aggregation="seq_mean_token_mean",
+            kl_coef=0.0,
+            kl_estimator="k3",
+            advantage_mode="rloo",
+            dynamic_sampling=False,
+            overlong_shaping=False,
+        ),
+        "cispo": AlgorithmPreset(
+            ratio_level="cispo",
+            clip_eps_low=0.2,
+            clip_eps_high=0.28,
+            aggregation="token_mean",
+            kl_coef=0.0,
+            kl_estimator="k3",
+            advantage_mode="std",
+            dynamic_sampling=False,
+            overlong_shaping=False,
+        ),
+    }
+)
 
 
 def _clipped_objective(

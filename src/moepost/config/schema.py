@@ -15,6 +15,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DataFormat = Literal["auto", "messages", "alpaca", "sharegpt", "prompt_completion", "text", "gsm8k"]
 Algorithm = Literal["gspo", "grpo", "dapo", "dr_grpo", "reinforce", "rloo", "cispo"]
 Aggregation = Literal["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+RatioLevel = Literal["token", "sequence", "sequence_token", "none", "cispo"]
 
 
 @dataclass
@@ -111,6 +112,8 @@ class RLConfig:
     overlong_cache_length: int = 64
     # Training forwards run each micro-batch's shared prompt prefix once (G samples -> 1)
     shared_prefix: bool = True
+    # The importance ratio policy_loss uses (None: the algorithm preset's)
+    ratio_level: RatioLevel | None = None
 
 
 @dataclass

@@ -6,26 +6,33 @@ import os
 
 from moepost.config.schema import Config
 from moepost.errors import UserError
+from moepost.micro_batches import splits_evenly
+
+# `rl.<key>` <- `AlgorithmPreset.<field>`: the preset fields a config may leave unset.
+_PRESET_FIELDS = {
+    "ratio_level": "ratio_level",
+    "clip_eps_low": "clip_eps_low",
+    "clip_eps_high": "clip_eps_high",
+    "loss_aggregation": "aggregation",
+    "kl_coef": "kl_coef",
+    "dynamic_sampling": "dynamic_sampling",
+    "overlong_shaping": "overlong_shaping",
+}
 
 
 def resolve_rl_presets(cfg: Config) -> None:
-    """Fill every `None` RL field from the algorithm's preset (in place); user values win."""
+    """Fill every `None` RL field from the algorithm's preset (in place); user values win.
+
+    The one place a preset is read: from here on the run reads `cfg.rl` only.
+    """
     from moepost.algorithms.policy_loss import ALGORITHM_PRESETS
 
     preset = ALGORITHM_PRESETS[cfg.rl.algorithm]
-    fields = {
-        "clip_eps_low": "clip_eps_low",
-        "clip_eps_high": "clip_eps_high",
-        "loss_aggregation": "aggregation",
-        "kl_coef": "kl_coef",
-        "dynamic_sampling": "dynamic_sampling",
-        "overlong_shaping": "overlong_shaping",
-    }
-    for ours, theirs in fields.items():
+    for ours, theirs in _PRESET_FIELDS.items():
         if getattr(cfg.rl, ours) is None:
-            setattr(cfg.rl, ours, preset[theirs])
+            setattr(cfg.rl, ours, getattr(preset, theirs))
     if cfg.rl.advantage_std_normalize is None:
-        cfg.rl.advantage_std_normalize = preset["advantage_mode"] == "std"
+        cfg.rl.advantage_std_normalize = preset.advantage_mode == "std"
 
 
 def check_all(cfg: Config) -> None:
@@ -95,7 +102,7 @@ def _check_train(cfg: Config) -> None:
                 f"train.batch_size ({t.batch_size}) must equal train.micro_batch_size "
                 f"({t.micro_batch_size}) x train.gradient_accumulation_steps ({accum})"
             )
-        if t.batch_size % t.micro_batch_size:
+        if not splits_evenly(t.batch_size, t.micro_batch_size):
             raise UserError(
                 f"train.batch_size ({t.batch_size}) must be divisible by "
                 f"train.micro_batch_size ({t.micro_batch_size})"
@@ -120,7 +127,7 @@ def _check_rl(cfg: Config) -> None:
             "least 2 samples per prompt"
         )
     rows = cfg.train.prompts_per_step * g
-    if rows % cfg.train.micro_batch_size and not cfg.train.micro_batch_tokens:
+    if not cfg.train.micro_batch_tokens and not splits_evenly(rows, cfg.train.micro_batch_size):
         raise UserError(
             f"train.prompts_per_step ({cfg.train.prompts_per_step}) x "
             f"generation.num_samples_per_prompt ({g}) = {rows} must be divisible by "
@@ -159,7 +166,7 @@ def _check_data_parallel(cfg: Config, world_size: int) -> None:
     t = cfg.train
     rows = 1 if t.micro_batch_tokens else t.micro_batch_size  # a token budget splits any rows
     per = "" if t.micro_batch_tokens else f" x train.micro_batch_size ({t.micro_batch_size})"
-    if world_size > 1 and cfg.stage == "sft" and t.batch_size % (world_size * rows):
+    if world_size > 1 and cfg.stage == "sft" and not splits_evenly(t.batch_size, world_size * rows):
         raise UserError(
             f"train.batch_size ({t.batch_size}) must be divisible by the world size "
             f"({world_size}){per}: each rank takes "
@@ -168,7 +175,7 @@ def _check_data_parallel(cfg: Config, world_size: int) -> None:
     if world_size > 1 and cfg.stage == "rl":
         g = cfg.generation.num_samples_per_prompt
         per_rank = t.prompts_per_step // world_size
-        if t.prompts_per_step % world_size or (per_rank * g) % rows:
+        if t.prompts_per_step % world_size or not splits_evenly(per_rank * g, rows):
             raise UserError(
                 f"train.prompts_per_step ({t.prompts_per_step}) must be divisible by the world "
                 f"size ({world_size}), and each rank's rows (prompts_per_step / {world_size} x "

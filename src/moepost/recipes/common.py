@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from moepost.components.data.packing import batch_by_tokens, split_to_count
 from moepost.components.training import checkpoint as ckpt
 from moepost.components.training.logging import RunLogger, truncate_log_after
 from moepost.components.training.optim import MasterWeights, build_optimizer, build_scheduler
 from moepost.components.training.stability import GradientPipeline
 from moepost.config.load import config_to_dict, write_resolved_config
 from moepost.config.schema import Config
+from moepost.micro_batches import plan_micro_batches, split_to_count
 from moepost.recipes import signals
 from moepost.recipes.run_dir import prepare_run_dir
 
@@ -384,21 +384,19 @@ def micro_batch_groups(
 ) -> list[list[int]]:
     """Row ids of each micro-batch of one step (this rank's rows; `lengths` in tokens).
 
-    `train.micro_batch_tokens` = 0: `train.micro_batch_size` consecutive rows each. Otherwise as
-    many rows as fit `micro_batch_tokens` padded tokens (rows x longest row, or with `packed`
-    the sum of the lengths: one padding-free row; a longer row gets a micro-batch of its own),
-    so short rows share a forward and long ones do not run out of memory. `longest_first`
-    sorts the rows first (SFT: less padding, and the peak memory shows at the first
-    micro-batch); RL keeps its row order, which routing replay indexes. With `dist`, every rank
-    runs as many micro-batches as the rank that needs most.
+    `moepost.micro_batches.plan_micro_batches` with `train.micro_batch_size` /
+    `train.micro_batch_tokens`. `longest_first`: SFT (less padding, the peak memory shows at
+    the first micro-batch); RL keeps its row order, which routing replay indexes. With `dist`
+    and a token budget, every rank runs as many micro-batches as the rank that needs most.
     """
-    n = len(lengths)
     budget = cfg.train.micro_batch_tokens
-    if budget <= 0:
-        size = cfg.train.micro_batch_size
-        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
-    order = sorted(range(n), key=lambda i: -lengths[i]) if longest_first else list(range(n))
-    sorted_lengths = [lengths[i] for i in order]
-    groups = [[order[j] for j in g] for g in batch_by_tokens(sorted_lengths, budget, packed=packed)]
-    count = dist.max_int(len(groups)) if dist is not None else len(groups)
-    return split_to_count(groups, lengths, count, packed=packed)
+    groups = plan_micro_batches(
+        lengths,
+        size=cfg.train.micro_batch_size,
+        token_budget=budget,
+        packed=packed,
+        longest_first=longest_first,
+    )
+    if budget <= 0 or dist is None:  # by rows, every rank has the same number of micro-batches
+        return groups
+    return split_to_count(groups, lengths, dist.max_int(len(groups)), packed=packed)

@@ -7,6 +7,7 @@ compare the base, SFT and RL models on the same held-out prompts.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -47,12 +48,7 @@ def evaluate_generation(
     answer for gsm8k / math_verify / exact_match); for continuous rewards read reward_mean.
     """
     params = eval_params(cfg)
-    rows: list[dict[str, Any]] = []
-    totals: list[float | None] = []
-    per_fn: dict[str, list[float | None]] = {r.name: [] for r in reward_fns}
-    faults = {f"eval/reward/{r.name}_{kind}": 0.0 for r in reward_fns for kind in FAULT_KINDS}
-    logged: dict[str, list[float]] = {}  # log_metric values, one mean per chunk
-    lengths: list[int] = []
+    tally = _EvalTally.start(reward_fns)
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -64,45 +60,70 @@ def evaluate_generation(
             completion_ids=batch.completion_ids, trainer_state=reward_state(step),
             timeout_s=cfg.reward.timeout_s,
         )  # fmt: skip
-        totals.extend(scores.total)
+        tally.add(chunk, batch, scores, cfg.data.answer_key or "answer")
+    return tally.metrics(time.perf_counter() - t0), tally.rows
+
+
+@dataclass
+class _EvalTally:
+    """What the eval chunks add up to: per-sample rows, rewards, fault counts, lengths."""
+
+    reward_names: list[str]
+    faults: dict[str, float]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    totals: list[float | None] = field(default_factory=list)
+    per_fn: dict[str, list[float | None]] = field(default_factory=dict)
+    logged: dict[str, list[float]] = field(default_factory=dict)  # log_metric, a mean per chunk
+    lengths: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, reward_fns: list[Any]) -> _EvalTally:
+        names = [r.name for r in reward_fns]
+        faults = {f"eval/reward/{name}_{kind}": 0.0 for name in names for kind in FAULT_KINDS}
+        return cls(names, faults, per_fn={name: [] for name in names})
+
+    def add(self, chunk: list[Any], batch: Any, scores: Any, answer_key: str) -> None:
+        """One generated chunk: its examples, the engine's batch and their reward scores."""
+        self.totals.extend(scores.total)
         for name, values in scores.per_function.items():
-            per_fn[name].extend(values)
+            self.per_fn[name].extend(values)
         for name, counts in scores.faults.items():
             for kind, count in counts.items():
-                faults[f"eval/reward/{name}_{kind}"] += count
+                self.faults[f"eval/reward/{name}_{kind}"] += count
         for key, value in scores.metrics.items():
-            logged.setdefault(f"eval/reward/{key}", []).append(value)
-        lengths.extend(len(c) for c in batch.completion_ids)
+            self.logged.setdefault(f"eval/reward/{key}", []).append(value)
+        self.lengths.extend(len(c) for c in batch.completion_ids)
         for i, ex in enumerate(chunk):
-            rows.append(
+            self.rows.append(
                 {
                     "prompt": ex.prompt_text,
                     "completion": batch.completion_texts[i],
-                    "reference": ex.columns.get(cfg.data.answer_key or "answer"),
+                    "reference": ex.columns.get(answer_key),
                     "reward": scores.total[i],
                     **{f"reward/{k}": v[i] for k, v in scores.per_function.items()},
                     **{f"extra/{k}": v[i] for k, v in scores.extra.items()},
                 }
             )
-    kept = [v for v in totals if v is not None]
-    metrics: dict[str, float] = {
-        "eval/reward_mean": sum(kept) / len(kept) if kept else 0.0,
-        "eval/num_samples": float(len(totals)),
-        "eval/completion_length": sum(lengths) / max(1, len(lengths)),
-        "eval/time_s": time.perf_counter() - t0,
-    }
-    if reward_fns:
-        first = per_fn[reward_fns[0].name]
-        metrics["eval/accuracy"] = sum(1 for v in first if v is not None and v >= 1.0) / max(
-            1, len(first)
-        )
-    metrics.update(faults)
-    metrics.update({key: sum(values) / len(values) for key, values in logged.items()})
-    for name, values in per_fn.items():
-        vals = [v for v in values if v is not None]
-        if vals:
-            metrics[f"eval/reward/{name}"] = sum(vals) / len(vals)
-    return metrics, rows
+
+    def metrics(self, time_s: float) -> dict[str, float]:
+        kept = [v for v in self.totals if v is not None]
+        metrics: dict[str, float] = {
+            "eval/reward_mean": sum(kept) / len(kept) if kept else 0.0,
+            "eval/num_samples": float(len(self.totals)),
+            "eval/completion_length": sum(self.lengths) / max(1, len(self.lengths)),
+            "eval/time_s": time_s,
+        }
+        if self.reward_names:
+            first = self.per_fn[self.reward_names[0]]
+            correct = sum(1 for v in first if v is not None and v >= 1.0)
+            metrics["eval/accuracy"] = correct / max(1, len(first))
+        metrics.update(self.faults)
+        metrics.update({key: sum(values) / len(values) for key, values in self.logged.items()})
+        for name, values in self.per_fn.items():
+            vals = [v for v in values if v is not None]
+            if vals:
+                metrics[f"eval/reward/{name}"] = sum(vals) / len(vals)
+        return metrics
 
 
 def _columns(chunk: list[Any], completion_ids: list[list[int]]) -> dict[str, list[Any]]:

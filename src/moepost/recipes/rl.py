@@ -67,13 +67,12 @@ from moepost.recipes.common import (
 from moepost.recipes.data_source import rl_train_data
 from moepost.recipes.evaluate import evaluate_generation
 from moepost.recipes.rl_update import (
-    StepTensors,
     logprob_pass,
     plan_micro_batches,
     policy_update,
     shared_prefix_off,
-    tensors_for_step,
 )
+from moepost.recipes.step_tensors import StepTensors, tensors_for_step
 
 
 def run_rl(
@@ -147,14 +146,15 @@ def run_rl(
             )
         engine_sync_if_noisy(engine, model, sigma)
         advantages, adv_metrics = compute_advantages(scores, batch, cfg)
-        tensors = tensors_for_step(batch, advantages, tokenizer.pad_token_id, device)
-        tensors.packed = cfg.data.packing
-        tensors.shared_prefix = no_sharing is None
-        tensors.micro_batches = plan_micro_batches(tensors, cfg, dist)
+        tensors = tensors_for_step(
+            batch, advantages, tokenizer.pad_token_id, device,
+            packed=cfg.data.packing, shared_prefix=no_sharing is None,
+        )  # fmt: skip
+        tensors = dataclasses.replace(tensors, micro_batches=plan_micro_batches(tensors, cfg, dist))
         width, num_completion = tensors.input_ids.shape[1], tensors.completion_ids.shape[1]
         router.set_rollout_routes(batch.routes, batch.prompt_ids, width, width - num_completion)
         t_update = time.perf_counter()
-        reference_and_old_logprobs(model, reference, tensors, cfg, router, batch)
+        tensors = reference_and_old_logprobs(model, reference, tensors, cfg, router, batch)
         metrics: dict[str, Any] = {}
         for update in range(cfg.rl.num_policy_updates):
             metrics.update(
@@ -375,15 +375,17 @@ def reference_and_old_logprobs(
     cfg: Config,
     router: RouterTools,
     batch: RolloutBatch,
-) -> None:
-    """Fill `t.ref_logprobs` / `t.old_logprobs` only where the configuration needs them."""
+) -> StepTensors:
+    """`t` with `ref_logprobs` / `old_logprobs`, each only where the configuration needs it."""
     if cfg.rl.kl_coef:
         if reference is not None:
-            t.ref_logprobs = _reference_logprobs(reference, t, cfg)
+            t = dataclasses.replace(t, ref_logprobs=_reference_logprobs(reference, t, cfg))
         else:  # LoRA: the base model is the policy with its adapters switched off
-            t.ref_logprobs = logprob_pass(model, t, cfg, disable_adapter=True)
+            ref = logprob_pass(model, t, cfg, disable_adapter=True)
+            t = dataclasses.replace(t, ref_logprobs=ref)
     if cfg.rl.num_policy_updates > 1 or not batch.logprobs_exact:
-        t.old_logprobs = logprob_pass(model, t, cfg, router=router)
+        t = dataclasses.replace(t, old_logprobs=logprob_pass(model, t, cfg, router=router))
+    return t
 
 
 def _reference_logprobs(reference: torch.nn.Module, t: StepTensors, cfg: Config) -> torch.Tensor:

@@ -9,16 +9,14 @@ need logits.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, token_logprobs
-from moepost.algorithms.policy_loss import ALGORITHM_PRESETS, policy_loss
-from moepost.components.data.packing import split_to_count, without_trailing_padding_mask
+from moepost.algorithms.policy_loss import policy_loss
+from moepost.components.data.packing import without_trailing_padding_mask
 from moepost.components.model.lm_head import head_chunk_rows, head_passthrough, head_weight_sharded
-from moepost.components.moe.router_tools import RouterTools, Tokens
+from moepost.components.moe.router_tools import RouterTools
 from moepost.components.rollout.shared_prefix import (
     PrefixShare,
     can_share_prefix,
@@ -27,77 +25,10 @@ from moepost.components.rollout.shared_prefix import (
 )
 from moepost.config.schema import Config
 from moepost.distributed import DistContext
+from moepost.micro_batches import split_to_count
 from moepost.recipes.common import micro_batch_groups
 from moepost.recipes.rl_head import chunked_completion_logprobs, shared_prefix_logprobs
-
-
-@dataclass
-class StepTensors:
-    """Everything the update needs for the N rows of one RL step (on the training device)."""
-
-    input_ids: torch.Tensor  # [N, S]
-    attention_mask: torch.Tensor  # [N, S]
-    position_ids: torch.Tensor  # [N, S]
-    completion_ids: torch.Tensor  # [N, T]
-    completion_mask: torch.Tensor  # [N, T] float
-    advantages: torch.Tensor  # [N]
-    rollout_logprobs: torch.Tensor  # [N, T] from the engine
-    old_logprobs: torch.Tensor | None = None  # [N, T]
-    ref_logprobs: torch.Tensor | None = None  # [N, T]
-    # Row slices of the step's micro-batches (`plan_micro_batches`); empty: micro_batch_size rows
-    micro_batches: list[slice] = field(default_factory=list)
-    # data.packing: each micro-batch is one padding-free row of its rows' real tokens
-    packed: bool = False
-    # rl.shared_prefix: run a micro-batch's shared prompt prefixes once (`share`)
-    shared_prefix: bool = False
-
-    @property
-    def num_rows(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def columns(self, idx: slice) -> slice:
-        """The columns rows `idx` use: leading columns that are padding in all of them are cut
-        (the completion block stays last, so completion logits keep their positions)."""
-        used = self.attention_mask[idx].any(dim=0).nonzero()
-        return slice(int(used[0]) if used.numel() else 0, None)
-
-    def tokens(self, idx: slice) -> Tokens:
-        """The tokens of rows `idx` the forward sees, in router order: `columns(idx)`, or
-        packed, the [n, S] mask of real tokens (row after row)."""
-        return self.attention_mask[idx].bool() if self.packed else self.columns(idx)
-
-    def rows(self, idx: slice) -> dict[str, torch.Tensor]:
-        """Model inputs of rows `idx`: trimmed to `columns(idx)`, or packed into one [1, N] row
-        whose position ids restart at every row (transformers then keeps attention inside each
-        row: a block-diagonal mask for sdpa / eager, varlen for flash attention)."""
-        if self.packed:
-            real = self.attention_mask[idx].bool()
-            return {
-                "input_ids": self.input_ids[idx][real][None],
-                "position_ids": self.position_ids[idx][real][None],
-            }
-        cols = self.columns(idx)
-        return {
-            "input_ids": self.input_ids[idx, cols],
-            "attention_mask": self.attention_mask[idx, cols],
-            "position_ids": self.position_ids[idx, cols],
-        }
-
-    def share(self, idx: slice) -> PrefixShare | None:
-        """How rows `idx` (trimmed to `columns(idx)`) share prompt prefixes; None: they do not,
-        or sharing is off."""
-        if not self.shared_prefix or self.packed:
-            return None
-        cols = self.columns(idx)
-        T = int(self.completion_ids.shape[1])
-        return PrefixShare.find(self.input_ids[idx, cols], self.attention_mask[idx, cols], T)
-
-    def select(self, mask: torch.Tensor, idx: slice) -> torch.Tensor:
-        """[n*S'] / [N]: a [N_rows, S] per-token mask at the tokens rows `idx` show the model."""
-        tokens = self.tokens(idx)
-        if isinstance(tokens, slice):
-            return mask[idx, tokens].flatten()
-        return mask[idx][tokens]
+from moepost.recipes.step_tensors import StepTensors
 
 
 def completion_logits(
@@ -281,7 +212,6 @@ def policy_update(
     """
     dist = dist or DistContext()
     model.train()
-    preset = ALGORITHM_PRESETS[cfg.rl.algorithm]
     norms = normalisers(t, dist)
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
@@ -301,7 +231,7 @@ def policy_update(
     nonfinite = 0
     step_tokens = dist.sum_floats([float(router_token_mask(t, slice(None), cfg).sum())])[0]
     slices = micro_slices(t, cfg)
-    per_seq = ("clip_frac", "ratio_mean") if preset["ratio_level"] == "sequence" else ()
+    per_seq = ("clip_frac", "ratio_mean") if cfg.rl.ratio_level == "sequence" else ()
     chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
     # Shared-prefix forwards score hidden states after the forward: not with a sharded head.
     shared_chunked = not head_weight_sharded(model)
@@ -342,7 +272,7 @@ def policy_update(
             old,
             t.advantages[sl],
             mask,
-            ratio_level=preset["ratio_level"],
+            ratio_level=cfg.rl.ratio_level,
             clip_eps_low=cfg.rl.clip_eps_low,
             clip_eps_high=cfg.rl.clip_eps_high,
             aggregation=cfg.rl.loss_aggregation,
@@ -389,24 +319,3 @@ def policy_update(
     out["stability/nonfinite_tokens"] = float(nonfinite)
     out["train/micro_batches"] = float(len(slices))
     return out
-
-
-def tensors_for_step(
-    batch: Any, advantages: torch.Tensor, pad_token_id: int, device: torch.device
-) -> StepTensors:
-    from moepost.components.rollout.layout import build_training_tensors
-
-    lay = build_training_tensors(batch.prompt_ids, batch.completion_ids, pad_token_id, device)
-    T = lay["num_completion_positions"]
-    rollout_lp = torch.zeros((len(batch.completion_ids), T), dtype=torch.float32)
-    width = min(T, batch.logprobs.shape[1])
-    rollout_lp[:, :width] = batch.logprobs[:, :width]
-    return StepTensors(
-        input_ids=lay["input_ids"],
-        attention_mask=lay["attention_mask"],
-        position_ids=lay["position_ids"],
-        completion_ids=lay["completion_ids"],
-        completion_mask=lay["completion_mask"],
-        advantages=advantages.to(device),
-        rollout_logprobs=rollout_lp.to(device),
-    )

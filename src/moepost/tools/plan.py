@@ -14,6 +14,7 @@ import torch
 
 from moepost.config.schema import Config
 from moepost.errors import UserError
+from moepost.micro_batches import fullest_micro_batch_rows
 from moepost.tools.param_count import (
     ParamCounts,
     as_pretrained_config,
@@ -96,7 +97,7 @@ def _lengths(cfg: Config) -> dict[str, int]:
     if cfg.stage == "rl":
         seq = cfg.data.max_prompt_length + gen.max_new_tokens
     budget = cfg.train.micro_batch_tokens
-    rows = max(1, budget // seq) if budget else cfg.train.micro_batch_size
+    rows = fullest_micro_batch_rows(seq, size=cfg.train.micro_batch_size, token_budget=budget)
     if cfg.stage == "sft":
         return {"rows": rows, "seq": seq, "logit_positions": seq, "gen_rows": 0, "gen_seq": 0}
     gen_rows = gen.micro_batch_size or cfg.train.prompts_per_step * gen.num_samples_per_prompt

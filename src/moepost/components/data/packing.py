@@ -1,5 +1,5 @@
-"""Batching SFT examples: padded collation, packing several examples into one row, and
-grouping by a token budget.
+"""Batching SFT examples: padded collation and packing several examples into one row (grouping
+rows into micro-batches by a token budget is `moepost.micro_batches`).
 
 Packed rows must give exactly the losses of the unpacked examples. Three things make that so:
 attention stays inside each example (a block-diagonal causal mask, or position_ids that
@@ -188,62 +188,6 @@ def packed_mask_for(attn_implementation: str | None) -> PackedMask:
     if attn_implementation == "eager":
         return "float"
     return "flat"  # flash_attention_*, flex_attention, kernels: sequence boundaries from positions
-
-
-def batch_by_tokens(
-    lengths: Sequence[int], max_tokens: int, max_rows: int | None = None, *, packed: bool = False
-) -> list[list[int]]:
-    """Consecutive index groups whose padded size (rows * longest; `packed`: the sum of the
-    lengths, a padding-free row) stays within max_tokens.
-
-    Order-preserving and deterministic; an example longer than max_tokens gets a batch of its own.
-    """
-    if max_tokens < 1:
-        raise ValueError(f"batch_by_tokens: max_tokens must be >= 1, got {max_tokens}")
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"batch_by_tokens: max_rows must be >= 1, got {max_rows}")
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = total = 0
-    for i, n in enumerate(lengths):
-        grown = max(longest, n)
-        cost = total + n if packed else (len(current) + 1) * grown
-        full = max_rows is not None and len(current) >= max_rows
-        if current and (full or cost > max_tokens):
-            batches.append(current)
-            current, grown, total = [], n, 0
-        current.append(i)
-        longest, total = grown, total + n
-    if current:
-        batches.append(current)
-    return batches
-
-
-def split_to_count(
-    groups: Sequence[Sequence[int]], lengths: Sequence[int], count: int, *, packed: bool = False
-) -> list[list[int]]:
-    """Split the costliest group (padded size rows * longest; `packed`: the sum of the
-    lengths) in two, keeping order, until there are `count` groups.
-
-    Ranks of a data-parallel job must run the same number of forward passes (DDP syncs buffers
-    and FSDP / ZeRO-3 gather weights in every forward), so a rank whose token budget gives
-    fewer micro-batches than another splits some of its own. `lengths` is indexed by the ids
-    in `groups`.
-    """
-    out = [list(g) for g in groups]
-    rows = sum(len(g) for g in out)
-    if count < len(out) or count > rows:
-        raise ValueError(f"split_to_count: cannot make {count} groups of {len(out)} ({rows} rows)")
-
-    def cost(group: list[int]) -> int:
-        sizes = [lengths[k] for k in group]
-        return sum(sizes) if packed else len(sizes) * max(sizes)
-
-    while len(out) < count:
-        i = max((j for j, g in enumerate(out) if len(g) > 1), key=lambda j: cost(out[j]))
-        half = len(out[i]) // 2
-        out[i : i + 1] = [out[i][:half], out[i][half:]]
-    return out
 
 
 def without_trailing_padding_mask(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
