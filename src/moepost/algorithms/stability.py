@@ -50,7 +50,20 @@ def _tensor_norms(grads: list[Tensor]) -> Tensor:
     if not grads:
         return torch.zeros(0, dtype=torch.float32)
     device = grads[0].device
-    return torch.stack([torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads])
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
+    meshes = {id(getattr(n, "device_mesh", None)): getattr(n, "device_mesh", None) for n in norms}
+    if len(meshes) == 1:
+        return torch.stack(norms)
+    # Sharded gradients (DTensors) on several device meshes (expert parallelism: experts on
+    # their own mesh) cannot be stacked together: each mesh's norms are reduced over that mesh
+    # (`full_tensor`, one collective per mesh) and the plain results put back in order.
+    out = torch.empty(len(norms), dtype=torch.float32, device=device)
+    for key in meshes:
+        idx = [i for i, n in enumerate(norms) if id(getattr(n, "device_mesh", None)) == key]
+        stacked = torch.stack([norms[i] for i in idx])
+        full = stacked.full_tensor() if hasattr(stacked, "full_tensor") else stacked
+        out[torch.tensor(idx, device=device)] = full.to(device)
+    return out
 
 
 def _mul_(g: Tensor, scale: Tensor) -> None:

@@ -84,6 +84,7 @@ RANGES: dict[str, Range] = {
     "noise_injection.num_stages": _ONE,
     "noise_injection.seed": (0, True, 2**32 - 1, True),
     "distributed.zero_stage": (0, True, 3, True),
+    "distributed.expert_parallel_size": _ONE,
     "logging.log_every": _ONE,
     "logging.keep_last_checkpoints": _NONNEG,
     "misc.num_threads": _ONE,

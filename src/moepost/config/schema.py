@@ -228,6 +228,8 @@ class DistributedConfig:
     fsdp_sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD"] = (
         "FULL_SHARD"
     )
+    # Experts split over this many ranks (FSDP2 only; see distributed/expert_parallel.py)
+    expert_parallel_size: int = 1
 
 
 @dataclass

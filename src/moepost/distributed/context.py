@@ -45,6 +45,7 @@ class DistContext:
     owns_group: bool = False  # we created the process group, so we destroy it
     wrapped: torch.nn.Module | None = None  # set by wrap.prepare_model
     engine: Any = None  # a DeepSpeed engine, when backend=deepspeed
+    expert_parallel: int = 1  # distributed.expert_parallel_size
 
     @property
     def is_main(self) -> bool:
@@ -253,6 +254,7 @@ def init_distributed(
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
     ctx = DistContext(rank, world, local_rank, device, backend, active=True)
+    ctx.expert_parallel = cfg.distributed.expert_parallel_size
     if dist.is_initialized():  # a launcher helper (or a test) already set it up
         ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
         check_supported(cfg, ctx, resume=resume)
@@ -273,7 +275,8 @@ def init_distributed(
 def describe(ctx: DistContext) -> str:
     if not ctx.active:
         return "single process"
+    experts = f", experts split over {ctx.expert_parallel} ranks" if ctx.expert_parallel > 1 else ""
     return (
-        f"data parallel: rank {ctx.rank}/{ctx.world_size} ({ctx.backend}, "
+        f"data parallel: rank {ctx.rank}/{ctx.world_size} ({ctx.backend}{experts}, "
         f"{dist.get_backend()} on {ctx.device})"
     )

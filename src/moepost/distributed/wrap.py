@@ -53,6 +53,9 @@ def generation_lockstep(cfg: Config, ctx: DistContext) -> DistContext | None:
 
 def check_supported(cfg: Config, ctx: DistContext, *, resume: str | None) -> None:
     """Combinations the loops cannot run correctly, refused before any model is loaded."""
+    from moepost.distributed.expert_parallel import check_expert_parallel
+
+    check_expert_parallel(cfg, ctx.world_size, active=ctx.active)
     if not ctx.active:
         return
     backend = cfg.distributed.backend
@@ -172,6 +175,10 @@ def shard_fsdp2(model: torch.nn.Module, dcfg: DistributedConfig, ctx: DistContex
             "distributed.backend=fsdp: found no decoder layers to shard in the model "
             f"({type(model).__name__}); use distributed.backend=ddp"
         )
+    if dcfg.expert_parallel_size > 1:  # the experts first: FSDP2 shards children before parents
+        from moepost.distributed.expert_parallel import shard_experts
+
+        shard_experts(model, dcfg.expert_parallel_size, ctx.world_size, ctx.device.type, reshard)
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
