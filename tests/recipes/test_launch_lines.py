@@ -67,7 +67,8 @@ def launch_lines(path: Path) -> list[LaunchLine]:
 ALL = [line for path in DOCS for line in launch_lines(path)]
 
 # Doc line -> its CPU-scale run: the same launcher and flags, only the model, data, sizes and
-# process counts changed. Placeholders: {tiny} a tiny qwen3_moe, {sft} / {rl} tiny run configs,
+# process counts changed. Placeholders: {tiny} a tiny qwen3_moe, {alpaca} 8 alpaca rows,
+# {rl} a tiny GSPO run config,
 # {tmp} a scratch folder, {q3} a folder with Qwen3-30B-A3B's config.json only (plan needs no
 # weights), {parquet} a 4-row GSM8K parquet, {py} this interpreter. Runs go in this order.
 CPU_SCALE: dict[str, str] = {
@@ -101,7 +102,13 @@ CPU_SCALE: dict[str, str] = {
         "moepost data convert --format gsm8k {parquet} {tmp}/test_chat.parquet"
     ),
     # README: SFT with LoRA on one device, then export and report of that run
-    "moepost train configs/sft/qwen3_30b_a3b_lora.yaml": "moepost train {sft}",
+    "moepost train configs/sft/qwen3_30b_a3b_lora.yaml": (
+        "moepost train configs/sft/qwen3_30b_a3b_lora.yaml model.policy_name_or_path={tiny} "
+        "data.train_file={alpaca} data.max_seq_length=32 data.test_size=2 train.max_steps=1 "
+        "train.batch_size=2 train.gradient_accumulation_steps=2 train.eval_every=0 "
+        "train.save_every=0 logging.output_dir={tmp}/sft_run 'logging.report_to=[]' "
+        "logging.write_report=false misc.device=cpu"
+    ),
     "moepost export runs/qwen3-30b-a3b-lora out/merged --merge-lora": (
         "moepost export {tmp}/sft_run {tmp}/merged --merge-lora"
     ),
@@ -199,12 +206,36 @@ def test_synopsis_blocks_hold_only_usage_lines() -> None:
             assert re.search(r"\[|\b[A-Z_]{3,}\b", x.command), x
 
 
-def test_refused_combinations_are_not_documented_unmarked() -> None:
-    """The launch lines that name a backend do not ask for what `check_supported` refuses."""
+def _ranks(argv: list[str]) -> int:
+    for flag in ("--nproc_per_node", "--num_gpus", "--num_processes"):
+        for i, token in enumerate(argv):
+            if token == flag:
+                return int(argv[i + 1])
+            if token.startswith(flag + "="):
+                return int(token.split("=", 1)[1])
+    return 1
+
+
+def test_documented_configs_are_not_refused_by_the_trainer() -> None:
+    """Lines naming a repository config (GPU-only ones too) ask for nothing the trainer's own
+    checks refuse at their process count (`moepost plan`'s WARN lines, same functions)."""
+    from moepost.config.load import load_config
+    from moepost.tools.plan_memory import ignored_settings, trainer_refusals
+
+    checked = 0
     for x in ALL:
-        if x.gpu_only or "distributed.backend=deepspeed" not in x.command:
+        argv = shlex.split(x.command)
+        configs = [t for t in argv if t.startswith("configs/") and t.endswith(".yaml")]
+        if x.synopsis or not configs or not {"train", "eval"} & set(argv):
             continue
-        assert "optim.master_weights=fp32" not in x.command, x
+        overrides = [t for t in argv if "=" in t and not t.startswith("-") and "/" not in t[:1]]
+        overrides = [t for t in overrides if not re.match(r"^[A-Z_]+=", t)]
+        cfg = load_config(str(ROOT / configs[0]), overrides)
+        ranks = _ranks(argv) * (2 if "--nnodes 2" in x.command else 1)
+        assert trainer_refusals(cfg, ranks) == [], x
+        assert [m for m in ignored_settings(cfg, ranks) if "offload" in m] == [], x
+        checked += 1
+    assert checked >= 10
 
 
 def _fill(command: str, env: dict[str, str]) -> list[str]:
@@ -239,17 +270,6 @@ def scale(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     parquet = tmp / "gsm8k.parquet"
     pd.DataFrame(format_rows("gsm8k", n=4)).to_parquet(parquet)
     common = {"misc": {"device": "cpu", "num_threads": 1}}
-    sft = {
-        "stage": "sft",
-        "model": {"policy_name_or_path": str(tiny), "lora": {"enabled": True}},
-        "data": {
-            "train_file": str(write_jsonl(tmp / "sft.jsonl", format_rows("messages", 8))),
-            "max_seq_length": 32,
-        },
-        "train": {"max_steps": 1, "batch_size": 2, "micro_batch_size": 1},
-        "logging": {"output_dir": str(tmp / "sft_run"), "write_report": False},
-        **common,
-    }
     rl = {
         "stage": "rl",
         "model": {"policy_name_or_path": str(tiny)},
@@ -263,14 +283,15 @@ def scale(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "logging": {"output_dir": str(tmp / "rl_run"), "write_report": False},
         **common,
     }
-    for name, body in (("sft", sft), ("rl", rl)):
+    write_jsonl(tmp / "alpaca.jsonl", format_rows("alpaca", 8))
+    for name, body in (("rl", rl),):
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(body))
     return {
         "tmp": str(tmp),
         "tiny": str(tiny),
         "q3": str(q3),
         "parquet": str(parquet),
-        "sft": str(tmp / "sft.yaml"),
+        "alpaca": str(tmp / "alpaca.jsonl"),
         "rl": str(tmp / "rl.yaml"),
         "py": sys.executable,
     }
