@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--gpus", type=int, default=1)
+    p.add_argument(
+        "--gpu-memory-gb", type=float, default=None, help="WARN when the peak per rank exceeds it"
+    )
 
     p = sub.add_parser("doctor", help="pre-flight MoE checks for a config")
     _add_config_args(p)
@@ -163,7 +166,7 @@ def _report(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from moepost.tools.plan import run_plan
 
-    return run_plan(args.config, args.overrides, gpus=args.gpus)
+    return run_plan(args.config, args.overrides, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb)
 
 
 def _doctor(args: argparse.Namespace) -> int:

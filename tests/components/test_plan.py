@@ -143,10 +143,12 @@ def test_sharding_divides_what_each_stage_shards(tiny: Path) -> None:
     z3 = on4("distributed.backend=deepspeed", "distributed.zero_stage=3")
     assert z3["weights_bytes"] == one["weights_bytes"] / 4
     assert z3["grads_bytes"] == one["grads_bytes"] / 4
-    # one decoder layer (15568 params, float32) is gathered at a time
-    assert z3["gathered_layer_bytes"] == 4 * 15568
+    # the running decoder layer (15568 params, float32) and the one DeepSpeed prefetches
+    assert z3["gathered_layer_bytes"] == 2 * 4 * 15568
     grad_op = on4("distributed.backend=fsdp", "distributed.fsdp_sharding_strategy=SHARD_GRAD_OP")
-    assert grad_op["weights_bytes"] == one["weights_bytes"]
+    # FSDP2 with reshard_after_forward=False: shards plus every layer gathered until backward
+    assert grad_op["weights_bytes"] == one["weights_bytes"] / 4
+    assert grad_op["gathered_layer_bytes"] == one["weights_bytes"]
     assert grad_op["grads_bytes"] == one["grads_bytes"] / 4
     offload = on4(
         "distributed.backend=deepspeed",
@@ -154,8 +156,8 @@ def test_sharding_divides_what_each_stage_shards(tiny: Path) -> None:
         "distributed.offload_optimizer=true",
     )
     assert offload["optimizer_bytes"] == 0
-    # DeepSpeed keeps float32 moments: 8 B per trainable parameter, sharded over 4
-    assert offload["offloaded_cpu_bytes"] == 8 * TINY_TOTAL / 4
+    # DeepSpeed's CPU Adam: float32 master 4 B + moments 8 B + gradient 4 B, sharded over 4
+    assert offload["offloaded_cpu_bytes"] == 16 * TINY_TOTAL / 4
 
 
 def test_rl_kv_cache_reference_and_activations(tiny: Path) -> None:
@@ -182,8 +184,10 @@ def test_rl_kv_cache_reference_and_activations(tiny: Path) -> None:
         conf, _cfg(tiny, *rl, "model.gradient_checkpointing=true", stage="rl"), 1
     )
     assert ckpt["activations_bytes"] == tokens * (2 * 32 + 548) * 4  # layer inputs + one layer
-    # logits for T + 1 = 9 positions of 2 rows: bf16/fp32 logits + grad, one float32 chunk x 2
-    assert gspo["logits_bytes"] == 2 * 9 * 104 * (2 * 4) + 2 * 9 * 104 * 8
+    # chunked head (lm_head_chunk_rows 256 > 2 x 9 scored rows): one [18, V] float32 block and
+    # its gradient; full logits for T + 1 = 9 positions of 2 rows: logits + grad, one chunk x 2
+    assert gspo["logits_bytes"] == 2 * 9 * 104 * 8
+    assert gspo["logits_unchunked_bytes"] == 2 * 9 * 104 * (2 * 4) + 2 * 9 * 104 * 8
     # A token budget of 50 fits 3 full rows of 16 tokens: the worst micro-batch is 3 x 16.
     budget = estimate_memory(conf, _cfg(tiny, *rl, "train.micro_batch_tokens=50", stage="rl"), 1)
     assert budget["activations_bytes"] == 3 * 16 * 2 * 548 * 4

@@ -197,6 +197,11 @@ def _check_data_parallel(cfg: Config, world_size: int) -> None:
         )
 
 
+def check_world_size(cfg: Config, world_size: int) -> None:
+    """The data-parallel checks for a given world size (`moepost plan --gpus N` runs them)."""
+    _check_data_parallel(cfg, world_size)
+
+
 def _check_router_module(cfg: Config) -> None:
     spec = cfg.moe.router_module
     if spec is not None and (not spec.strip() or spec != spec.strip() or spec.startswith(".")):

@@ -24,6 +24,12 @@ from moepost.tools.param_count import (
     read_model_config,
     weight_dtype,
 )
+from moepost.tools.plan_memory import (
+    head_not_chunked,
+    ignored_settings,
+    model_state_memory,
+    trainer_refusals,
+)
 
 GIB = 1024**3
 LOGPROB_CHUNK = 1024  # token_logprobs' default chunk over T
@@ -67,26 +73,6 @@ def _activation_elements_per_token(config: Any, counts: ParamCounts) -> tuple[in
     return attn + mlp, h
 
 
-def _shard_factors(cfg: Config, gpus: int) -> tuple[int, int, int]:
-    """Divisors of (parameters, gradients, optimizer states) per device."""
-    if gpus <= 1:
-        return 1, 1, 1
-    dist = cfg.distributed
-    if dist.backend == "deepspeed":
-        stage = dist.zero_stage
-        return (gpus if stage >= 3 else 1), (gpus if stage >= 2 else 1), (gpus if stage >= 1 else 1)
-    if dist.backend == "fsdp":
-        strategy = dist.fsdp_sharding_strategy
-        if strategy == "FULL_SHARD":
-            return gpus, gpus, gpus
-        if strategy == "HYBRID_SHARD":
-            node = min(gpus, 8)  # full shard inside a node of up to 8 devices, replicate across
-            return node, node, node
-        if strategy == "SHARD_GRAD_OP":
-            return 1, gpus, gpus
-    return 1, 1, 1  # DDP / NO_SHARD: every device holds everything
-
-
 def _lengths(cfg: Config) -> dict[str, int]:
     """Rows and tokens of one training micro-batch and of one generation chunk.
 
@@ -121,8 +107,10 @@ def estimate_memory(
     """Per-device memory estimate of the run `cfg` describes, in bytes (counts for `params_*`).
 
     model_config: config.json as a dict or a transformers config. dtype: the weights' dtype
-    (default: model.dtype, auto meaning bfloat16). Peak = weights + optimizer states + master
-    weights + reference + max(training: gradients + activations + logits, generation: KV cache).
+    (default: model.dtype, auto meaning bfloat16). Peak = weights + gathered layers + optimizer
+    states + master weights + reference + max(training: gradients + DDP buckets + activations +
+    logits, generation: KV cache); the per-backend model-state formulas are in
+    `tools.plan_memory`. `offloaded_cpu_bytes`: CPU RAM per rank (DeepSpeed offload).
     """
     if gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {gpus}")
@@ -130,18 +118,6 @@ def estimate_memory(
     dtype = weight_dtype(cfg, dtype)
     counts = counts or count_parameters(config, cfg, dtype)
     bytes_per = torch.empty(0, dtype=dtype).element_size()
-    shard_p, shard_g, shard_o = _shard_factors(cfg, gpus)
-    deepspeed = cfg.distributed.backend == "deepspeed" and gpus > 1
-    # torch AdamW keeps its moments in the parameter's dtype; the stochastic-rounding AdamW,
-    # fp32 master weights and DeepSpeed's mixed-precision optimizer keep them in float32.
-    fp32_states = cfg.optim.stochastic_rounding or cfg.optim.master_weights == "fp32" or deepspeed
-    state_bytes = 2 * (4 * counts.trainable if fp32_states else counts.trainable_bytes)
-    low_precision = counts.trainable_bytes < 4 * counts.trainable
-    master = (
-        4 * counts.trainable
-        if low_precision and (cfg.optim.master_weights == "fp32" or deepspeed)
-        else 0
-    )
     out: dict[str, float] = {
         "gpus": float(gpus),
         "params_total": float(counts.total),
@@ -151,36 +127,27 @@ def estimate_memory(
         "moe_layers": float(counts.num_moe_layers),
         "num_experts": float(counts.num_experts),
         "top_k": float(counts.top_k),
-        "weights_bytes": counts.weights_bytes / shard_p,
-        "gathered_layer_bytes": float(counts.max_layer_params * bytes_per if shard_p > 1 else 0),
-        "grads_bytes": counts.trainable_bytes / shard_g,
-        "optimizer_bytes": state_bytes / shard_o,
-        "optimizer_bytes_per_param": state_bytes / max(counts.trainable, 1),
-        "master_weights_bytes": master / shard_o,
     }
-    offloaded = 0.0
-    if gpus > 1 and cfg.distributed.offload_optimizer:
-        offloaded += out["optimizer_bytes"] + out["master_weights_bytes"]
-        out["optimizer_bytes"] = out["master_weights_bytes"] = 0.0
-    if gpus > 1 and cfg.distributed.offload_param:
-        offloaded += out["weights_bytes"]
-        out["weights_bytes"] = 0.0
-    out["offloaded_cpu_bytes"] = offloaded
-    lora = cfg.model.lora.enabled
-    needs_reference = cfg.stage == "rl" and bool(cfg.rl.kl_coef)
-    separate = not lora or cfg.model.reference_name_or_path is not None
-    out["reference_bytes"] = (
-        float(counts.total * bytes_per) if needs_reference and separate else 0.0
-    )
-    out.update(_transient(config, cfg, counts, bytes_per))
+    out.update(model_state_memory(config, cfg, counts, gpus, bytes_per))
+    if cfg.stage == "rl" and cfg.model.reference_gpu_ids is not None:
+        # the reference sits on its own GPU (single-process runs only)
+        out["reference_device_bytes"], out["reference_bytes"] = out["reference_bytes"], 0.0
+    out.update(_transient(config, cfg, counts, bytes_per, gpus))
     static_keys = ("weights", "gathered_layer", "optimizer", "master_weights", "reference")
     static = sum(out[f"{key}_bytes"] for key in static_keys)
-    training = out["grads_bytes"] + out["activations_bytes"] + out["logits_bytes"]
+    training = (
+        out["grads_bytes"]
+        + out["grad_buckets_bytes"]
+        + out["activations_bytes"]
+        + out["logits_bytes"]
+    )
     out["total_bytes"] = static + max(training, out["kv_cache_bytes"])
     return out
 
 
-def _transient(config: Any, cfg: Config, counts: ParamCounts, bytes_per: int) -> dict[str, float]:
+def _transient(
+    config: Any, cfg: Config, counts: ParamCounts, bytes_per: int, gpus: int
+) -> dict[str, float]:
     """Activations, logits and KV cache: the memory that comes and goes within a step."""
     n = _lengths(cfg)
     layer_elems, input_elems = _activation_elements_per_token(config, counts)
@@ -192,9 +159,13 @@ def _transient(config: Any, cfg: Config, counts: ParamCounts, bytes_per: int) ->
     vocab = int(config.vocab_size)
     logit_tokens = n["rows"] * n["logit_positions"]
     chunk = n["rows"] * min(LOGPROB_CHUNK, n["logit_positions"])
-    # logits and their gradient in the model dtype, plus one float32 chunk and its softmax
-    logits = logit_tokens * vocab * 2 * bytes_per + chunk * vocab * 4 * 2
-    unchunked = logit_tokens * vocab * (2 * bytes_per + 4 * 2)
+    # full logits and their gradient in the model dtype, plus one float32 chunk and its softmax
+    unchunked = logit_tokens * vocab * 2 * bytes_per + chunk * vocab * 4 * 2
+    # chunked head: one [chunk_rows, V] float32 block and its softmax gradient, no [B, T, V]
+    head_rows = min(cfg.train.lm_head_chunk_rows, logit_tokens)
+    chunked = head_rows * vocab * 4 * 2
+    head_off = head_not_chunked(config, cfg, gpus)
+    logits = unchunked if head_off else chunked
     kv = 0.0
     if n["gen_rows"] and cfg.generation.backend == "hf":
         kv = n["gen_rows"] * _kv_elements_per_token(config, n["gen_seq"]) * bytes_per
@@ -205,6 +176,7 @@ def _transient(config: Any, cfg: Config, counts: ParamCounts, bytes_per: int) ->
         "activations_other_bytes": float(full if gc else checkpointed),
         "logits_bytes": float(logits),
         "logits_unchunked_bytes": float(unchunked),
+        "logits_chunked": 0.0 if head_off else 1.0,
         "kv_cache_bytes": float(kv),
         "micro_batch_tokens": float(tokens),
         "generation_rows": float(n["gen_rows"]),
@@ -239,13 +211,18 @@ def format_plan(est: dict[str, float], cfg: Config, model_type: str) -> list[str
     gc = "gradient checkpointing" if cfg.model.gradient_checkpointing else "no checkpointing"
     rows = {
         "weights_bytes": f"weights ({dtype})",
-        "gathered_layer_bytes": "  one gathered layer (sharded params)",
+        "gathered_layer_bytes": "  gathered (unsharded) weights while a layer runs",
         "grads_bytes": "gradients (trainable)",
+        "grad_buckets_bytes": "  DDP reducer buckets (a gradient copy)",
         "optimizer_bytes": f"AdamW states ({est['optimizer_bytes_per_param']:g} B / trainable)",
         "master_weights_bytes": "float32 master weights",
-        "reference_bytes": "reference model (kl_coef > 0)",
+        "reference_bytes": "reference model (kl_coef > 0, whole on every rank)",
         "activations_bytes": f"activations ({int(est['micro_batch_tokens'])} tokens, {gc})",
-        "logits_bytes": "logits (chunked float32 log-softmax)",
+        "logits_bytes": (
+            f"logits (chunked LM head, {cfg.train.lm_head_chunk_rows} rows)"
+            if est["logits_chunked"]
+            else "logits (full [B, T, V], chunked float32 log-softmax)"
+        ),
         "kv_cache_bytes": f"KV cache ({int(est['generation_rows'])} generation rows)",
         "total_bytes": "peak estimate",
     }
@@ -263,14 +240,20 @@ def format_plan(est: dict[str, float], cfg: Config, model_type: str) -> list[str
     width = max(len(label) for label in rows.values()) + 2
     shown = [k for k in rows if est[k] or k in ("weights_bytes", "total_bytes")]
     lines += [f"  {rows[k]:<{width}}{gib(est[k]):>12}" for k in shown]
-    if est["offloaded_cpu_bytes"]:
-        lines.append(f"  offloaded to CPU memory: {gib(est['offloaded_cpu_bytes'])}")
+    cpu = "CPU RAM per rank (DeepSpeed offload)"
+    lines.append(f"  {cpu:<{width}}{gib(est['offloaded_cpu_bytes']):>12}")
+    if est.get("reference_device_bytes"):
+        lines.append(
+            f"  reference model on model.reference_gpu_ids: {gib(est['reference_device_bytes'])}"
+        )
     other = "without" if cfg.model.gradient_checkpointing else "with"
     lines.append(
         f"  (activations {other} gradient checkpointing: {gib(est['activations_other_bytes'])}; "
         f"logits without chunking: {gib(est['logits_unchunked_bytes'])})"
     )
-    training = est["grads_bytes"] + est["activations_bytes"] + est["logits_bytes"]
+    training = sum(
+        est[k] for k in ("grads_bytes", "grad_buckets_bytes", "activations_bytes", "logits_bytes")
+    )
     if est["kv_cache_bytes"] > training:
         lines.append(
             f"  generation holds the peak: {int(est['generation_rows'])} rows at once; "
@@ -284,21 +267,45 @@ def format_plan(est: dict[str, float], cfg: Config, model_type: str) -> list[str
     return lines
 
 
-def run_plan(config_path: str, overrides: list[str], *, gpus: int = 1) -> int:
-    """`moepost plan CONFIG [--gpus N]`: print the per-device memory estimate; returns 0."""
+def plan_warnings(
+    est: dict[str, float], cfg: Config, gpus: int, gpu_memory: float | None
+) -> list[str]:
+    """WARN lines: what the trainer refuses at `gpus` ranks, keys it would ignore, and a peak
+    over `gpu_memory` bytes (None: no limit given)."""
+    lines = [
+        f"WARN: the trainer refuses this at {gpus} rank(s): {msg}"
+        for msg in trainer_refusals(cfg, gpus)
+    ]
+    lines += [f"WARN: {msg}" for msg in ignored_settings(cfg, gpus)]
+    if gpu_memory is not None and est["total_bytes"] > gpu_memory:
+        lines.append(
+            f"WARN: peak estimate {gib(est['total_bytes'])} per rank does not fit "
+            f"{gib(gpu_memory)} of GPU memory"
+        )
+    return lines
+
+
+def run_plan(
+    config_path: str, overrides: list[str], *, gpus: int = 1, gpu_memory_gb: float | None = None
+) -> int:
+    """`moepost plan CONFIG [--gpus N] [--gpu-memory-gb G]`: print the per-rank memory
+    estimate and WARN lines; returns 0 (the WARN lines carry the verdict)."""
     from moepost.config.load import load_config
 
     if gpus < 1:
         raise UserError(f"--gpus must be >= 1, got {gpus}")
+    if gpu_memory_gb is not None and gpu_memory_gb <= 0:
+        raise UserError(f"--gpu-memory-gb must be > 0, got {gpu_memory_gb}")
     cfg = load_config(config_path, overrides)
     config = read_model_config(cfg)
     est = estimate_memory(config, cfg, gpus)
     for line in format_plan(est, cfg, str(getattr(config, "model_type", "?"))):
         print(line)
-    if gpus > 1 and not cfg.distributed.enabled:
-        print("  note: distributed.enabled is false; the run itself would use one device")
-    if torch.cuda.is_available():
-        device_mem = torch.cuda.get_device_properties(0).total_memory
-        verdict = "fits" if est["total_bytes"] <= device_mem else "does NOT fit"
-        print(f"  {verdict} in this machine's GPU 0 ({gib(device_mem)})")
+    limit = None if gpu_memory_gb is None else gpu_memory_gb * GIB
+    if limit is None and torch.cuda.is_available():
+        limit = float(torch.cuda.get_device_properties(0).total_memory)
+        verdict = "fits" if est["total_bytes"] <= limit else "does NOT fit"
+        print(f"  {verdict} in this machine's GPU 0 ({gib(limit)})")
+    for line in plan_warnings(est, cfg, gpus, limit):
+        print(line)
     return 0
