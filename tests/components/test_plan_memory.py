@@ -10,6 +10,7 @@ import pytest
 
 from moepost.config.load import load_config
 from moepost.config.schema import Config
+from moepost.errors import UserError
 from moepost.tools.plan import estimate_memory, plan_warnings, run_plan
 from moepost.tools.tiny_model import build_tiny_model
 
@@ -151,11 +152,13 @@ def test_warnings_name_what_the_trainer_refuses(conf: dict) -> None:
     assert "DeepSpeed keeps its own fp32 master weights" in ds
     [split] = warns(16, "distributed.backend=ddp")  # batch 8 over 16 ranks
     assert "train.batch_size (8) must be divisible by the world size (16)" in split
-    [ignored] = warns(2, "distributed.backend=fsdp", "distributed.offload_optimizer=true")
+    [ignored] = warns(1, "distributed.backend=deepspeed", "distributed.offload_optimizer=true")
     assert ignored == (
-        "WARN: distributed.offload_optimizer has no effect with distributed.backend=fsdp: "
+        "WARN: distributed.offload_optimizer has no effect with one rank: "
         "only DeepSpeed offloads; the optimizer states stay on the GPU"
     )
+    with pytest.raises(UserError, match="offload_optimizer needs distributed.backend=deepspeed"):
+        warns(2, "distributed.backend=fsdp", "distributed.offload_optimizer=true")
     [big] = warns(2, "distributed.backend=ddp", limit=1024.0)
     assert big.startswith("WARN: peak estimate") and big.endswith("of GPU memory")
 

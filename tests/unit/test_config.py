@@ -99,6 +99,12 @@ def test_cross_field_checks(tmp_path: Path) -> None:
         load_config(_write(tmp_path, rl), ["train.prompts_per_step=3", "train.micro_batch_size=5"])
     with pytest.raises(UserError, match="offload_param needs distributed.backend=deepspeed"):
         load_config(_write(tmp_path, BASE), ["distributed.offload_param=true"])
+    for backend in ("ddp", "fsdp"):
+        with pytest.raises(UserError, match=rf"offload_optimizer needs .*got backend={backend}"):
+            load_config(
+                _write(tmp_path, BASE),
+                ["distributed.offload_optimizer=true", f"distributed.backend={backend}"],
+            )
     with pytest.raises(UserError, match=r"batch_size \(8\) must equal"):
         load_config(
             _write(tmp_path, BASE),

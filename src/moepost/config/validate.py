@@ -159,6 +159,12 @@ def _check_misc(cfg: Config) -> None:
             "distributed.offload_param needs distributed.backend=deepspeed with "
             f"distributed.zero_stage=3 (got backend={dist.backend}, zero_stage={dist.zero_stage})"
         )
+    if dist.offload_optimizer and dist.backend != "deepspeed":
+        # Only DeepSpeed offloads; accepting it elsewhere would silently keep the states on GPU.
+        raise UserError(
+            "distributed.offload_optimizer needs distributed.backend=deepspeed "
+            f"(got backend={dist.backend}); ddp and fsdp keep the optimizer states on the device"
+        )
 
 
 def _check_data_parallel(cfg: Config, world_size: int) -> None:

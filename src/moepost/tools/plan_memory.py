@@ -178,10 +178,10 @@ def trainer_refusals(cfg: Config, gpus: int) -> list[str]:
 def ignored_settings(cfg: Config, gpus: int) -> list[str]:
     """Keys the run would accept but not act on at `gpus` ranks."""
     dist, out = cfg.distributed, []
-    if dist.offload_optimizer and (dist.backend != "deepspeed" or gpus <= 1):
-        where = "one rank" if gpus <= 1 else f"distributed.backend={dist.backend}"
+    # Other backends refuse offload_optimizer at load (config/validate.py); one rank runs no engine.
+    if dist.offload_optimizer and gpus <= 1:
         out.append(
-            f"distributed.offload_optimizer has no effect with {where}: only DeepSpeed "
+            "distributed.offload_optimizer has no effect with one rank: only DeepSpeed "
             "offloads; the optimizer states stay on the GPU"
         )
     if gpus > 1 and not dist.enabled:
