@@ -14,14 +14,7 @@ from typing import Any
 
 import torch
 
-from moepost.algorithms.moe import (
-    load_balancing_loss,
-    load_balancing_loss_global,
-    load_stats_from_counts,
-    router_z_loss,
-    routing_counts,
-    routing_drift,
-)
+from moepost.algorithms.moe import load_stats_from_counts, routing_counts, routing_drift
 from moepost.components.moe.capture import (
     ReplaySource,
     RouterCapture,
@@ -33,6 +26,7 @@ from moepost.components.moe.capture import (
 )
 from moepost.components.moe.discovery import set_router_module
 from moepost.components.moe.experts import experts_in_use
+from moepost.components.moe.router_loss import GlobalRouteCounts, router_aux_loss
 from moepost.components.rollout.routes import rollout_row_routes
 from moepost.components.rollout.shared_prefix import PrefixShare
 from moepost.config.schema import MoEConfig
@@ -149,23 +143,17 @@ class RouterTools:
             self._counts = counts if self._counts is None else self._counts + counts
         if not self.aux_enabled:
             return None, {}
-        logits = cap.logits()
+        counts = None
         if self._step_counts is not None:
-            aux = load_balancing_loss_global(
-                logits,
-                self.top_k,
-                mask,
-                global_counts=self._step_counts,
-                global_num_tokens=self._step_tokens,
-            )
-        else:
-            aux = load_balancing_loss(logits, self.top_k, mask)
-        total = self.aux_coef * aux
-        metrics = {"aux_loss": float(aux.detach())}
-        if self.z_coef:
-            z = router_z_loss(logits, mask)
-            total = total + self.z_coef * z
-            metrics["z_loss"] = float(z.detach())
+            counts = GlobalRouteCounts(self._step_counts, self._step_tokens)
+        total, metrics = router_aux_loss(
+            cap.logits(),
+            mask,
+            top_k=self.top_k,
+            aux_coef=self.aux_coef,
+            z_coef=self.z_coef,
+            global_counts=counts,
+        )
         return total * share, metrics
 
     def flush(
