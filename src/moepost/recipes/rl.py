@@ -94,24 +94,109 @@ def run_rl(
         run.say(line)
     model = load_policy(cfg.model, cfg.misc, device=device, for_training=not eval_only)
     router = RouterTools(model, cfg.moe)
-    lockstep = generation_lockstep(cfg, dist)  # sharded weights: all ranks decode in step
-    engine = build_engine(
-        cfg.generation.backend,
-        model,
-        tokenizer,
-        micro_batch_size=cfg.generation.micro_batch_size,
-        **({"lockstep": lockstep} if lockstep is not None else {}),
-    )
+    engine = _build_engine(run, model, tokenizer)
     run.say(f"model: {describe_parameters(parameter_report(model))}; {router.describe()}")
-    attn = getattr(model.config, "_attn_implementation", None)
-    if cfg.data.packing and attn in ("sdpa", "eager"):
-        run.say(
-            f"data.packing with {attn} attention: N x N block masks (flash attention needs none)"
-        )
     if eval_only:
         reset_logs(run, after_step=None, names=EVAL_LOGS)
         return _evaluate(run, engine, eval_set or train_set.all_examples(), reward_fns, step=0)
 
+    reference = _load_reference(cfg, dist, device)
+    total = total_steps(cfg, None if train_set.streaming else len(train_set))
+    train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
+    opt = Optimization(model, cfg, total)
+    train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
+    state = maybe_resume(run, resume, model, opt)
+    train_set.restore(state)
+    no_sharing = _say_forwards(run, train_model, reference)
+    noise = NoiseInjector(model, cfg.noise_injection, total, cfg.train.seed)
+    console = Console(total, cfg.rl.algorithm, enabled=run.is_main)
+    last: dict[str, Any] = {}
+    while state.step < total:
+        last = _rl_step(
+            run, engine, model, train_model, reference, tokenizer, router, opt, noise, state,
+            train_set, reward_fns, shared_prefix=no_sharing is None,
+        )  # fmt: skip
+        console.update(state.step, last)
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and eval_set:
+            last.update(_evaluate_best(run, engine, eval_set, reward_fns, model, tokenizer, state))
+        if cfg.train.save_every and state.step % cfg.train.save_every == 0:
+            save(run, model, tokenizer, opt, state)
+        stop_if_signalled(run, model, tokenizer, opt, state)
+    console.close()
+    if eval_set and not any(k.startswith("eval/") for k in last):  # not already at this step
+        last.update(_evaluate_best(run, engine, eval_set, reward_fns, model, tokenizer, state))
+    if cfg.logging.save_final:
+        save_final(run, model, tokenizer)
+    finish_run(run)
+    dist.close()
+    return last
+
+
+def _rl_step(
+    run: Run,
+    engine: Any,
+    model: torch.nn.Module,
+    train_model: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    tokenizer: Any,
+    router: RouterTools,
+    opt: Optimization,
+    noise: NoiseInjector,
+    state: TrainState,
+    train_set: Any,
+    reward_fns: list[Any],
+    *,
+    shared_prefix: bool,
+) -> dict[str, Any]:
+    """One RL step: rollout, score, advantages, log-prob passes, updates, metrics, log."""
+    cfg, dist, device = run.cfg, run.dist, run.device
+    t_step = time.perf_counter()
+    with noise.around_rollout(state.step) as sigma:
+        engine_sync_if_noisy(engine, model, sigma)
+        batch, examples, scores, gen_rounds = rollout_and_score(
+            engine, train_set, reward_fns, cfg, state, router, dist=dist
+        )
+    engine_sync_if_noisy(engine, model, sigma)
+    advantages, adv_metrics = compute_advantages(scores, batch, cfg)
+    tensors = tensors_for_step(
+        batch, advantages, tokenizer.pad_token_id, device,
+        packed=cfg.data.packing, shared_prefix=shared_prefix,
+    )  # fmt: skip
+    tensors = dataclasses.replace(tensors, micro_batches=plan_micro_batches(tensors, cfg, dist))
+    width, num_completion = tensors.input_ids.shape[1], tensors.completion_ids.shape[1]
+    router.set_rollout_routes(batch.routes, batch.prompt_ids, width, width - num_completion)
+    t_update = time.perf_counter()
+    tensors = reference_and_old_logprobs(model, reference, tensors, cfg, router, batch)
+    metrics: dict[str, Any] = {}
+    for update in range(cfg.rl.num_policy_updates):
+        metrics.update(
+            policy_update(train_model, tensors, cfg, router, update_index=update, dist=dist)
+        )
+        metrics.update(dist.optimizer_step(opt))
+    router.end_batch()
+    engine.sync_weights(model)  # vLLM holds its own copy; the HF engine is the model
+    state.step += 1
+    metrics.update(adv_metrics)
+    metrics.update(reward_metrics(scores, sum_counts=dist.sum_floats))  # counts: summed
+    metrics.update(_rollout_metrics(batch, gen_rounds))
+    metrics.update(train_set.metrics())
+    if cfg.noise_injection.enabled:
+        metrics["noise/sigma"] = sigma
+    metrics["time/update_s"] = time.perf_counter() - t_update
+    metrics["time/step_s"] = time.perf_counter() - t_step
+    tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
+    tokens = dist.sum_floats([tokens])[0]  # all ranks' tokens
+    metrics["throughput/tokens_per_s"] = tokens / metrics["time/step_s"]
+    moe_metrics, load_row = router.flush(state.step, reduce_sum=dist.all_reduce_sum)
+    metrics.update(moe_metrics)
+    metrics = dist.mean_metrics(metrics)
+    last = {"step": state.step, **metrics}
+    _log_step(run, last, load_row, batch, examples, scores, advantages)
+    return last
+
+
+def _load_reference(cfg: Config, dist: DistContext, device: torch.device) -> torch.nn.Module | None:
+    """The reference model when `rl.kl_coef` needs one (LoRA: None, the policy's base)."""
     reference = None
     ref_device = gpu_ids_device(
         cfg.model.reference_gpu_ids, key="model.reference_gpu_ids", world_size=dist.world_size
@@ -123,81 +208,55 @@ def run_rl(
             "model.reference_gpu_ids: this run loads no separate reference model (rl.kl_coef "
             "is 0, or LoRA uses the policy with its adapter off); remove the key"
         )
-    total = total_steps(cfg, None if train_set.streaming else len(train_set))
-    train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
-    opt = Optimization(model, cfg, total)
-    train_model = attach_optimizer(opt, cfg, dist)  # DeepSpeed engine (else unchanged)
-    state = maybe_resume(run, resume, model, opt)
-    train_set.restore(state)
-    no_sharing = shared_prefix_off(cfg, dist, train_model, reference)
+    return reference
+
+
+def _say_forwards(
+    run: Run, train_model: torch.nn.Module, reference: torch.nn.Module | None
+) -> str | None:
+    """Says in the run log how the step's forwards run; returns why prompt prefixes are not
+    shared (None: they are)."""
+    cfg = run.cfg
+    no_sharing = shared_prefix_off(cfg, run.dist, train_model, reference)
     run.say(f"shared-prefix forwards: {'on' if no_sharing is None else f'off ({no_sharing})'}")
     run.say(describe_head(train_model, cfg.train.lm_head_chunk_rows))
     if no_sharing is None and head_weight_sharded(train_model):
         run.say("lm_head: shared-prefix forwards take full logits at completion positions (FSDP)")
-    noise = NoiseInjector(model, cfg.noise_injection, total, cfg.train.seed)
-    console = Console(total, cfg.rl.algorithm, enabled=run.is_main)
-    last: dict[str, Any] = {}
-    while state.step < total:
-        t_step = time.perf_counter()
-        with noise.around_rollout(state.step) as sigma:
-            engine_sync_if_noisy(engine, model, sigma)
-            batch, examples, scores, gen_rounds = rollout_and_score(
-                engine, train_set, reward_fns, cfg, state, router, dist=dist
-            )
-        engine_sync_if_noisy(engine, model, sigma)
-        advantages, adv_metrics = compute_advantages(scores, batch, cfg)
-        tensors = tensors_for_step(
-            batch, advantages, tokenizer.pad_token_id, device,
-            packed=cfg.data.packing, shared_prefix=no_sharing is None,
-        )  # fmt: skip
-        tensors = dataclasses.replace(tensors, micro_batches=plan_micro_batches(tensors, cfg, dist))
-        width, num_completion = tensors.input_ids.shape[1], tensors.completion_ids.shape[1]
-        router.set_rollout_routes(batch.routes, batch.prompt_ids, width, width - num_completion)
-        t_update = time.perf_counter()
-        tensors = reference_and_old_logprobs(model, reference, tensors, cfg, router, batch)
-        metrics: dict[str, Any] = {}
-        for update in range(cfg.rl.num_policy_updates):
-            metrics.update(
-                policy_update(train_model, tensors, cfg, router, update_index=update, dist=dist)
-            )
-            metrics.update(dist.optimizer_step(opt))
-        router.end_batch()
-        engine.sync_weights(model)  # vLLM holds its own copy; the HF engine is the model
-        state.step += 1
-        metrics.update(adv_metrics)
-        metrics.update(reward_metrics(scores, sum_counts=dist.sum_floats))  # counts: summed
-        metrics.update(_rollout_metrics(batch, gen_rounds))
-        metrics.update(train_set.metrics())
-        if cfg.noise_injection.enabled:
-            metrics["noise/sigma"] = sigma
-        metrics["time/update_s"] = time.perf_counter() - t_update
-        metrics["time/step_s"] = time.perf_counter() - t_step
-        tokens = sum(len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids))
-        tokens = dist.sum_floats([tokens])[0]  # all ranks' tokens
-        metrics["throughput/tokens_per_s"] = tokens / metrics["time/step_s"]
-        moe_metrics, load_row = router.flush(state.step, reduce_sum=dist.all_reduce_sum)
-        metrics.update(moe_metrics)
-        metrics = dist.mean_metrics(metrics)
-        last = {"step": state.step, **metrics}
-        _log_step(run, last, load_row, batch, examples, scores, advantages)
-        console.update(state.step, last)
-        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and eval_set:
-            ev = _evaluate(run, engine, eval_set, reward_fns, step=state.step)
-            _maybe_best(run, model, tokenizer, state, ev)
-            last.update(ev)
-        if cfg.train.save_every and state.step % cfg.train.save_every == 0:
-            save(run, model, tokenizer, opt, state)
-        stop_if_signalled(run, model, tokenizer, opt, state)
-    console.close()
-    if eval_set and not any(k.startswith("eval/") for k in last):  # not already at this step
-        ev = _evaluate(run, engine, eval_set, reward_fns, step=state.step)
-        _maybe_best(run, model, tokenizer, state, ev)
-        last.update(ev)
-    if cfg.logging.save_final:
-        save_final(run, model, tokenizer)
-    finish_run(run)
-    dist.close()
-    return last
+    return no_sharing
+
+
+def _build_engine(run: Run, model: torch.nn.Module, tokenizer: Any) -> Any:
+    """The rollout engine (`generation.backend`); says what packing costs with this attention."""
+    cfg = run.cfg
+    lockstep = generation_lockstep(cfg, run.dist)  # sharded weights: all ranks decode in step
+    engine = build_engine(
+        cfg.generation.backend,
+        model,
+        tokenizer,
+        micro_batch_size=cfg.generation.micro_batch_size,
+        **({"lockstep": lockstep} if lockstep is not None else {}),
+    )
+    attn = getattr(model.config, "_attn_implementation", None)
+    if cfg.data.packing and attn in ("sdpa", "eager"):
+        run.say(
+            f"data.packing with {attn} attention: N x N block masks (flash attention needs none)"
+        )
+    return engine
+
+
+def _evaluate_best(
+    run: Run,
+    engine: Any,
+    eval_set: list[Any],
+    reward_fns: list[Any],
+    model: torch.nn.Module,
+    tokenizer: Any,
+    state: TrainState,
+) -> dict[str, Any]:
+    """Evaluate at the current step; saves `best` when the eval metric improves."""
+    ev = _evaluate(run, engine, eval_set, reward_fns, step=state.step)
+    _maybe_best(run, model, tokenizer, state, ev)
+    return ev
 
 
 def total_steps(cfg: Config, num_prompts: int | None) -> int:

@@ -1,7 +1,7 @@
 """The training side of one RL step: log-prob passes and the micro-batched policy update.
 
 Kept apart from `rl.py` so the loop there reads as its phases. Row layout (from
-`components.rollout_layout.build_training_tensors`): [left pad | prompt | completion |
+`components.rollout.layout.build_training_tensors`): [left pad | prompt | completion |
 right pad], the completion block starting at a common column P, so only the last T+1 positions
 need logits.
 """
@@ -9,6 +9,8 @@ need logits.
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -197,6 +199,213 @@ def normalisers(t: StepTensors, dist: DistContext | None = None) -> dict[str, fl
     return {"num_global_tokens": max(tokens, 1.0), "num_global_seqs": max(seqs, 1.0)}
 
 
+@dataclass(frozen=True)
+class MetricMeans:
+    """Weighted sums of the update's metrics (value x weight, and the weights), plus maxima.
+
+    A value: `add` and `add_max` return a new one, so the micro-batch loop reads as a fold.
+    """
+
+    sums: dict[str, float] = field(default_factory=dict)
+    weights: dict[str, float] = field(default_factory=dict)
+    maxima: dict[str, float] = field(default_factory=dict)
+
+    def add(self, values: dict[str, float], weight: float) -> MetricMeans:
+        """Every `values[key]` added with the same `weight`."""
+        sums, weights = dict(self.sums), dict(self.weights)
+        for key, value in values.items():
+            sums[key] = sums.get(key, 0.0) + value * weight
+            weights[key] = weights.get(key, 0.0) + weight
+        return MetricMeans(sums, weights, self.maxima)
+
+    def add_max(self, key: str, value: float) -> MetricMeans:
+        maxima = {**self.maxima, key: max(self.maxima.get(key, 0.0), value)}
+        return MetricMeans(self.sums, self.weights, maxima)
+
+    def means(self, dist: DistContext) -> dict[str, float]:
+        """Means over every rank's micro-batches; maxima stay rank-local (`mean_metrics` of
+        `run_rl` takes their max); `loss` stays a sum (already normalised over the step)."""
+        sums, weights = dist.sum_metrics(dict(self.sums)), dist.sum_metrics(dict(self.weights))
+        sums.update(self.maxima)
+        out = {k: (v / weights[k] if weights.get(k) else v) for k, v in sums.items()}
+        out["loss"] = sums["loss"]
+        return out
+
+
+@dataclass(frozen=True)
+class MicroBatchLoss:
+    """One micro-batch's loss terms and what its metrics are computed from."""
+
+    loss: torch.Tensor  # policy loss (a scalar, step-normalised)
+    aux: torch.Tensor | None  # router aux (+ z) loss, scaled by the micro-batch's token share
+    metrics: dict[str, Any]  # `policy_loss` metrics
+    aux_metrics: dict[str, float]
+    aux_tokens: float  # tokens the aux loss counted
+    logprobs: torch.Tensor  # [n, T]
+    logits: torch.Tensor | None  # [n, T, V]; None with the chunked head
+    entropy: torch.Tensor | None  # [n, T] from the chunked head, else None
+    mask: torch.Tensor  # [n, T] completion mask, non-finite rows dropped
+    nonfinite: int  # completion tokens dropped
+
+
+@dataclass(frozen=True)
+class UpdateSetup:
+    """What every micro-batch of one policy update shares (built once per update)."""
+
+    update_index: int
+    norms: dict[str, float]  # whole-step normalisers (`normalisers`)
+    step_tokens: float  # tokens the aux loss counts, over all ranks
+    chunk_rows: int
+    shared_chunked: bool  # shared-prefix forwards may use the chunked head
+
+
+def count_step_routes(
+    model: torch.nn.Module, t: StepTensors, cfg: Config, router: RouterTools, **kw: Any
+) -> None:
+    """aux_loss_scope=global: a no-grad pre-pass adds every micro-batch's expert counts, summed
+    over ranks, before the step's first backward (`kw`: update_index, dist)."""
+    with torch.no_grad():
+        for sl in micro_slices(t, cfg):
+            replay = router.replay_for(sl, kw["update_index"], t.tokens(sl))
+            with router.capture(replay=replay) as cap:
+                model(**t.rows(sl), use_cache=False, logits_to_keep=1)
+            router.add_step_counts(cap, router_token_mask(t, sl, cfg))
+    router.reduce_step_counts(kw["dist"].all_reduce_sum)
+
+
+def _train_forward(
+    model: torch.nn.Module,
+    t: StepTensors,
+    sl: slice,
+    cfg: Config,
+    router: RouterTools,
+    u: UpdateSetup,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any]:
+    """(log-probs [n, T], entropy or None, logits [n, T, V] or None, router capture)."""
+    cols, share = t.tokens(sl), t.share(sl)
+    logits = entropy = None
+    with router.capture(replay=router.replay_for(sl, u.update_index, cols, share)) as cap:
+        if u.chunk_rows and (share is None or u.shared_chunked):  # no [n, T, V] logits
+            logprobs, entropy = _chunked_logprobs(model, t, sl, cfg, share, u.chunk_rows, True)
+        else:
+            logits = completion_logits(model, t, sl, share)
+    if cap is not None and share is not None:
+        cap.reorder(share.to_padded)  # read the routes as the padded forward's
+    if logits is not None:
+        logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
+    return logprobs, entropy, logits, cap
+
+
+def _drop_nonfinite(
+    logprobs: torch.Tensor,
+    entropy: torch.Tensor | None,
+    logits: torch.Tensor | None,
+    mask: torch.Tensor,
+    tokens: torch.Tensor,
+    cfg: Config,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor, int]:
+    """Never let NaN/Inf reach the loss: drop the affected rows, count their tokens.
+
+    Masking the log-probs is not enough (softmax(inf) x 0 is NaN in backward): the rows are
+    cut out of the graph with `torch.where` (the chunked head's backward gives rows with a
+    zero upstream gradient an exact zero) or at the logits, recomputed.
+    """
+    bad = nonfinite_rows(logprobs.detach(), mask)
+    if not bool(bad.any()):
+        return logprobs, entropy, logits, mask, 0
+    nonfinite = int(mask[bad].sum())
+    mask = mask * (~bad)[:, None]
+    if logits is None:
+        logprobs = torch.where(bad[:, None], torch.zeros_like(logprobs), logprobs)
+        entropy = torch.where(bad[:, None], torch.zeros_like(entropy), entropy)
+    else:
+        zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
+        logits = torch.where(bad[:, None, None], zero, logits)
+        logprobs = _logprobs(logits, tokens, cfg)
+    return logprobs, entropy, logits, mask, nonfinite
+
+
+def micro_batch_loss(
+    model: torch.nn.Module,
+    t: StepTensors,
+    sl: slice,
+    cfg: Config,
+    router: RouterTools,
+    u: UpdateSetup,
+) -> MicroBatchLoss:
+    """Forward of rows `sl`, their policy loss and router aux loss (no backward)."""
+    logprobs, entropy, logits, cap = _train_forward(model, t, sl, cfg, router, u)
+    logprobs, entropy, logits, mask, nonfinite = _drop_nonfinite(
+        logprobs, entropy, logits, t.completion_mask[sl], t.completion_ids[sl], cfg
+    )
+    # One update on fresh samples: the pre-update policy *is* the current one, so the
+    # detached log-probs are the exact old log-probs (ratio exactly 1, no extra pass).
+    old = t.old_logprobs[sl] if t.old_logprobs is not None else logprobs.detach()
+    loss, m = policy_loss(
+        logprobs,
+        old,
+        t.advantages[sl],
+        mask,
+        ratio_level=cfg.rl.ratio_level,
+        clip_eps_low=cfg.rl.clip_eps_low,
+        clip_eps_high=cfg.rl.clip_eps_high,
+        aggregation=cfg.rl.loss_aggregation,
+        ref_logprobs=t.ref_logprobs[sl] if t.ref_logprobs is not None else None,
+        kl_coef=cfg.rl.kl_coef,
+        kl_estimator=cfg.rl.kl_estimator,
+        max_new_tokens=cfg.generation.max_new_tokens,
+        **u.norms,
+    )
+    aux_mask = router_token_mask(t, sl, cfg)
+    share = float(aux_mask.sum()) / max(u.step_tokens, 1.0)
+    aux, aux_m = router.losses(cap, aux_mask, share=share)
+    real = t.select(t.attention_mask.bool(), sl)
+    router.observe_training_routes(cap, sl, real, u.update_index, t.tokens(sl))
+    return MicroBatchLoss(
+        loss, aux, m, aux_m, float(aux_mask.sum()), logprobs, logits, entropy, mask, nonfinite
+    )
+
+
+@torch.no_grad()
+def add_micro_batch_metrics(
+    means: MetricMeans, mb: MicroBatchLoss, t: StepTensors, sl: slice, cfg: Config, u: UpdateSetup
+) -> MetricMeans:
+    """`means` with one micro-batch's loss, KL / clip figures, entropy, rollout gap, aux."""
+    n_tok, n_seq = float(mb.mask.sum()), float(mb.metrics["num_seqs"])
+    # GSPO's clip_frac / ratio_mean are means over sequences: weighted by sequences.
+    per_seq = ("clip_frac", "ratio_mean") if cfg.rl.ratio_level == "sequence" else ()
+    means = means.add({"loss": float(mb.loss.detach())}, 1.0)
+    for key in ("kl", "approx_kl", "clip_frac", "ratio_mean"):
+        if key in mb.metrics:
+            means = means.add({key: float(mb.metrics[key])}, n_seq if key in per_seq else n_tok)
+    ent = mb.entropy
+    if mb.logits is not None:
+        temperature = cfg.generation.temperature
+        ent = entropy_from_logits(mb.logits.detach(), temperature=temperature)
+    means = means.add({"entropy": float((ent * mb.mask).sum() / max(n_tok, 1.0))}, n_tok)
+    if u.update_index == 0:  # later updates see a moved policy: no longer comparable
+        gap = (mb.logprobs.detach() - t.rollout_logprobs[sl]).abs() * mb.mask
+        means = means.add({"logprob_gap/mean": float(gap.sum() / max(n_tok, 1.0))}, n_tok)
+        means = means.add_max("logprob_gap/max", float(gap.max()))
+    if mb.aux is not None:
+        means = means.add({"aux_loss": mb.aux_metrics.get("aux_loss", 0.0)}, mb.aux_tokens)
+    return means
+
+
+def update_setup(
+    model: torch.nn.Module, t: StepTensors, cfg: Config, update_index: int, dist: DistContext
+) -> UpdateSetup:
+    step_tokens = dist.sum_floats([float(router_token_mask(t, slice(None), cfg).sum())])[0]
+    return UpdateSetup(
+        update_index=update_index,
+        norms=normalisers(t, dist),
+        step_tokens=step_tokens,
+        chunk_rows=head_chunk_rows(model, cfg.train.lm_head_chunk_rows),
+        # Shared-prefix forwards score hidden states after the forward: not with a sharded head.
+        shared_chunked=not head_weight_sharded(model),
+    )
+
+
 def policy_update(
     model: torch.nn.Module,
     t: StepTensors,
@@ -212,110 +421,21 @@ def policy_update(
     """
     dist = dist or DistContext()
     model.train()
-    norms = normalisers(t, dist)
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-
-    def add(key: str, value: float, weight: float) -> None:
-        sums[key] = sums.get(key, 0.0) + value * weight
-        weights[key] = weights.get(key, 0.0) + weight
-
     if router.global_scope:
-        with torch.no_grad():
-            for sl in micro_slices(t, cfg):
-                replay = router.replay_for(sl, update_index, t.tokens(sl))
-                with router.capture(replay=replay) as cap:
-                    model(**t.rows(sl), use_cache=False, logits_to_keep=1)
-                router.add_step_counts(cap, router_token_mask(t, sl, cfg))
-        router.reduce_step_counts(dist.all_reduce_sum)
-    nonfinite = 0
-    step_tokens = dist.sum_floats([float(router_token_mask(t, slice(None), cfg).sum())])[0]
+        count_step_routes(model, t, cfg, router, update_index=update_index, dist=dist)
+    u = update_setup(model, t, cfg, update_index, dist)
     slices = micro_slices(t, cfg)
-    per_seq = ("clip_frac", "ratio_mean") if cfg.rl.ratio_level == "sequence" else ()
-    chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
-    # Shared-prefix forwards score hidden states after the forward: not with a sharded head.
-    shared_chunked = not head_weight_sharded(model)
+    means, nonfinite = MetricMeans(), 0
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
-        mask = t.completion_mask[sl]
-        cols, share = t.tokens(sl), t.share(sl)
-        logits = entropy = None
-        with router.capture(replay=router.replay_for(sl, update_index, cols, share)) as cap:
-            if chunk_rows and (share is None or shared_chunked):  # no [n, T, V] logits
-                logprobs, entropy = _chunked_logprobs(model, t, sl, cfg, share, chunk_rows, True)
-            else:
-                logits = completion_logits(model, t, sl, share)
-        if cap is not None and share is not None:
-            cap.reorder(share.to_padded)  # read the routes as the padded forward's
-        if logits is not None:
-            logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
-        bad = nonfinite_rows(logprobs.detach(), mask)
-        if bool(bad.any()):
-            # Never let NaN/Inf reach the loss: drop the affected samples, count them. Masking
-            # the log-probs is not enough (softmax(inf) x 0 is NaN in backward): the rows are
-            # cut out of the graph with `torch.where` (the chunked head's backward gives rows
-            # with a zero upstream gradient an exact zero) or at the logits, recomputed.
-            nonfinite += int(mask[bad].sum())
-            mask = mask * (~bad)[:, None]
-            if logits is None:
-                logprobs = torch.where(bad[:, None], torch.zeros_like(logprobs), logprobs)
-                entropy = torch.where(bad[:, None], torch.zeros_like(entropy), entropy)
-            else:
-                zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
-                logits = torch.where(bad[:, None, None], zero, logits)
-                logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
-        # One update on fresh samples: the pre-update policy *is* the current one, so the
-        # detached log-probs are the exact old log-probs (ratio exactly 1, no extra pass).
-        old = t.old_logprobs[sl] if t.old_logprobs is not None else logprobs.detach()
-        loss, m = policy_loss(
-            logprobs,
-            old,
-            t.advantages[sl],
-            mask,
-            ratio_level=cfg.rl.ratio_level,
-            clip_eps_low=cfg.rl.clip_eps_low,
-            clip_eps_high=cfg.rl.clip_eps_high,
-            aggregation=cfg.rl.loss_aggregation,
-            ref_logprobs=t.ref_logprobs[sl] if t.ref_logprobs is not None else None,
-            kl_coef=cfg.rl.kl_coef,
-            kl_estimator=cfg.rl.kl_estimator,
-            max_new_tokens=cfg.generation.max_new_tokens,
-            **norms,
-        )
-        aux_mask = router_token_mask(t, sl, cfg)
-        share = float(aux_mask.sum()) / max(step_tokens, 1.0)
-        aux, aux_m = router.losses(cap, aux_mask, share=share)
-        real = t.select(t.attention_mask.bool(), sl)
-        router.observe_training_routes(cap, sl, real, update_index, cols)
-        dist.backward(loss + aux if aux is not None else loss)
-        n_tok, n_seq = float(mask.sum()), float(m["num_seqs"])
-        add("loss", float(loss.detach()), 1.0)
-        for key in ("kl", "approx_kl", "clip_frac", "ratio_mean"):
-            if key in m:
-                # GSPO's clip_frac / ratio_mean are means over sequences: weight them so
-                add(key, float(m[key]), n_seq if key in per_seq else n_tok)
-        with torch.no_grad():
-            ent = entropy
-            if logits is not None:
-                temperature = cfg.generation.temperature
-                ent = entropy_from_logits(logits.detach(), temperature=temperature)
-            add("entropy", float((ent * mask).sum() / max(n_tok, 1.0)), n_tok)
-            if update_index == 0:  # later updates see a moved policy: no longer comparable
-                gap = (logprobs.detach() - t.rollout_logprobs[sl]).abs() * mask
-                add("logprob_gap/mean", float(gap.sum() / max(n_tok, 1.0)), n_tok)
-                sums["logprob_gap/max"] = max(sums.get("logprob_gap/max", 0.0), float(gap.max()))
-        if aux is not None:
-            add("aux_loss", aux_m.get("aux_loss", 0.0), float(aux_mask.sum()))
+        mb = micro_batch_loss(model, t, sl, cfg, router, u)
+        dist.backward(mb.loss + mb.aux if mb.aux is not None else mb.loss)
+        means = add_micro_batch_metrics(means, mb, t, sl, cfg, u)
+        nonfinite += mb.nonfinite
     router.end_step()
-    gap_max = sums.pop("logprob_gap/max", None)  # rank-local; run_rl's mean_metrics takes the max
-    sums, weights = dist.sum_metrics(sums), dist.sum_metrics(weights)
-    if gap_max is not None:
-        sums["logprob_gap/max"] = gap_max
-    nonfinite = int(dist.sum_floats([nonfinite])[0])
-    out = {k: (v / weights[k] if weights.get(k) else v) for k, v in sums.items()}
-    out["loss"] = sums["loss"]  # already normalised over the step
+    out = means.means(dist)
     if update_index == 0:
-        out["logprob_gap/max"] = sums.get("logprob_gap/max", 0.0)
-    out["stability/nonfinite_tokens"] = float(nonfinite)
+        out["logprob_gap/max"] = out.get("logprob_gap/max", 0.0)
+    out["stability/nonfinite_tokens"] = float(int(dist.sum_floats([nonfinite])[0]))
     out["train/micro_batches"] = float(len(slices))
     return out

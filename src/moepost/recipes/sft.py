@@ -96,47 +96,66 @@ def run_sft(
     console = Console(total, "sft", enabled=run.is_main)
     last: dict[str, Any] = {}
     while state.step < total:
-        t0 = time.perf_counter()
-        batch = dist.shard(train_set.take(state, cfg.train.batch_size))  # this rank's examples
-        metrics = train_step(
-            train_model, batch, cfg, device, router, tokenizer.pad_token_id, dist=dist
-        )
-        metrics.update(dist.optimizer_step(opt))
-        state.step += 1
-        metrics["time/step_s"] = time.perf_counter() - t0
-        metrics["throughput/tokens_per_s"] = (
-            metrics.pop("num_input_tokens") / metrics["time/step_s"]
-        )
-        metrics["epoch"] = train_set.epoch(state)
-        metrics.update(train_set.metrics())
-        moe_metrics, load_row = router.flush(state.step, reduce_sum=dist.all_reduce_sum)
-        metrics.update(moe_metrics)
-        metrics = dist.mean_metrics(metrics)
-        last = {"step": state.step, **metrics}
-        if state.step % cfg.logging.log_every == 0 or state.step == total:
-            run.logger.log(last)
-            if load_row is not None:
-                run.logger.write("expert_load.jsonl", load_row)
+        last = _sft_step(run, train_model, model, tokenizer, router, opt, state, train_set, total)
         console.update(state.step, last)
         if eval_set and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
-            ev = dist.mean_metrics(evaluate(model, eval_set, cfg, device, tokenizer.pad_token_id))
-            run.logger.log({"step": state.step, **ev})
-            _maybe_best(run, model, tokenizer, state, ev)
-            last.update(ev)
+            last.update(_eval_and_best(run, model, tokenizer, state, eval_set))
         if cfg.train.save_every and state.step % cfg.train.save_every == 0:
             save(run, model, tokenizer, opt, state)
         stop_if_signalled(run, model, tokenizer, opt, state)
     console.close()
     if eval_set and not any(k.startswith("eval/") for k in last):  # not already at this step
-        ev = dist.mean_metrics(evaluate(model, eval_set, cfg, device, tokenizer.pad_token_id))
-        run.logger.log({"step": state.step, **ev})
-        _maybe_best(run, model, tokenizer, state, ev)
-        last.update(ev)
+        last.update(_eval_and_best(run, model, tokenizer, state, eval_set))
     if cfg.logging.save_final:
         save_final(run, model, tokenizer)
     finish_run(run)
     dist.close()
     return last
+
+
+def _sft_step(
+    run: Run,
+    train_model: torch.nn.Module,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    router: RouterTools,
+    opt: Optimization,
+    state: TrainState,
+    train_set: Any,
+    total: int,
+) -> dict[str, Any]:
+    """One optimizer step: forward + backward, optimizer, metrics, log; the logged row."""
+    cfg, dist, device = run.cfg, run.dist, run.device
+    t0 = time.perf_counter()
+    batch = dist.shard(train_set.take(state, cfg.train.batch_size))  # this rank's examples
+    metrics = train_step(train_model, batch, cfg, device, router, tokenizer.pad_token_id, dist=dist)
+    metrics.update(dist.optimizer_step(opt))
+    state.step += 1
+    metrics["time/step_s"] = time.perf_counter() - t0
+    metrics["throughput/tokens_per_s"] = metrics.pop("num_input_tokens") / metrics["time/step_s"]
+    metrics["epoch"] = train_set.epoch(state)
+    metrics.update(train_set.metrics())
+    moe_metrics, load_row = router.flush(state.step, reduce_sum=dist.all_reduce_sum)
+    metrics.update(moe_metrics)
+    metrics = dist.mean_metrics(metrics)
+    last = {"step": state.step, **metrics}
+    if state.step % cfg.logging.log_every == 0 or state.step == total:
+        run.logger.log(last)
+        if load_row is not None:
+            run.logger.write("expert_load.jsonl", load_row)
+    return last
+
+
+def _eval_and_best(
+    run: Run, model: torch.nn.Module, tokenizer: Any, state: TrainState, eval_set: Any
+) -> dict[str, Any]:
+    """Eval metrics (means over ranks), logged; saves `best` when they improve."""
+    ev = run.dist.mean_metrics(
+        evaluate(model, eval_set, run.cfg, run.device, tokenizer.pad_token_id)
+    )
+    run.logger.log({"step": state.step, **ev})
+    _maybe_best(run, model, tokenizer, state, ev)
+    return ev
 
 
 def total_steps(cfg: Config, num_rows: int | None) -> int:

@@ -7,21 +7,13 @@ A dense model (no MoE layers) makes every method a no-op.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
 
-from moepost.algorithms.moe import (
-    load_balancing_loss,
-    load_balancing_loss_global,
-    load_stats_from_counts,
-    router_z_loss,
-    routing_counts,
-    routing_drift,
-)
+from moepost.algorithms.moe import routing_counts
 from moepost.components.moe.capture import (
     ReplaySource,
     RouterCapture,
@@ -32,7 +24,9 @@ from moepost.components.moe.capture import (
     unwrap_model,
 )
 from moepost.components.moe.discovery import set_router_module
+from moepost.components.moe.expert_monitor import ExpertMonitor
 from moepost.components.moe.experts import experts_in_use
+from moepost.components.moe.router_loss import GlobalRouteCounts, router_aux_loss
 from moepost.components.rollout.routes import rollout_row_routes
 from moepost.components.rollout.shared_prefix import PrefixShare
 from moepost.config.schema import MoEConfig
@@ -60,9 +54,6 @@ def _replay_source(routes: torch.Tensor, share: PrefixShare | None) -> ReplaySou
     )
 
 
-log = logging.getLogger("moepost.moe")
-
-
 class RouterTools:
     def __init__(self, model: torch.nn.Module, cfg: MoEConfig) -> None:
         self.model = model
@@ -80,10 +71,7 @@ class RouterTools:
         self.aux_enabled = self.aux_coef > 0 or self.z_coef > 0
         self.monitor = bool(cfg.monitor_expert_utilization and self.layers)
         self.frozen = freeze_router(model) if cfg.freeze_router and self.layers else 0
-        self._counts: torch.Tensor | None = None  # [L, E] summed since the last flush
-        self._drift: dict[str, list[tuple[float, float]]] = {}  # (rate, tokens) per pass
-        self._collapses = 0
-        self._warned = False
+        self.expert_monitor = ExpertMonitor(self.num_experts, cfg)
         # Routing replay / drift state of the current RL batch, keyed by micro-batch slice.
         self.rollout_routes: torch.Tensor | None = None  # [L, N, S, K] (-1 = none recorded)
         self._recorded: dict[tuple[int, int], torch.Tensor] = {}
@@ -145,74 +133,28 @@ class RouterTools:
             return None, {}
         mask = token_mask.to(cap.indices().device)
         if self.monitor:
-            counts = routing_counts(cap.indices(), self.num_experts, mask, per_layer=True)
-            self._counts = counts if self._counts is None else self._counts + counts
+            self.expert_monitor.add_load(cap.indices(), mask)
         if not self.aux_enabled:
             return None, {}
-        logits = cap.logits()
+        counts = None
         if self._step_counts is not None:
-            aux = load_balancing_loss_global(
-                logits,
-                self.top_k,
-                mask,
-                global_counts=self._step_counts,
-                global_num_tokens=self._step_tokens,
-            )
-        else:
-            aux = load_balancing_loss(logits, self.top_k, mask)
-        total = self.aux_coef * aux
-        metrics = {"aux_loss": float(aux.detach())}
-        if self.z_coef:
-            z = router_z_loss(logits, mask)
-            total = total + self.z_coef * z
-            metrics["z_loss"] = float(z.detach())
+            counts = GlobalRouteCounts(self._step_counts, self._step_tokens)
+        total, metrics = router_aux_loss(
+            cap.logits(),
+            mask,
+            top_k=self.top_k,
+            aux_coef=self.aux_coef,
+            z_coef=self.z_coef,
+            global_counts=counts,
+        )
         return total * share, metrics
 
     def flush(
         self, step: int, *, reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
     ) -> tuple[dict[str, float], dict[str, Any] | None]:
-        """`moe/*` metrics since the last flush, and the `expert_load.jsonl` row.
-
-        Data parallel: `reduce_sum` (a sum over ranks) makes the load statistics those of
-        every rank's tokens; every rank must call flush at the same steps.
-        """
-        metrics: dict[str, float] = {}
-        for key, values in self._drift.items():  # token-weighted: any micro-batch split agrees
-            metrics[key] = sum(r * n for r, n in values) / sum(n for _, n in values)
-        self._drift = {}
-        if self._counts is None:
-            return metrics, None
-        if reduce_sum is not None:
-            self._counts = reduce_sum(self._counts)
-        stats = load_stats_from_counts(self._counts)
-        self._counts = None
-        entropy = stats["entropy"]
-        metrics["moe/load_entropy"] = float(entropy.nanmean())
-        metrics["moe/load_entropy_min"] = float(entropy.min())
-        metrics["moe/max_violation"] = float(stats["max_violation"].max())
-        metrics["moe/cv"] = float(stats["cv"].mean())
-        metrics["moe/dead_experts"] = float(stats["dead"].sum())
-        collapsed = (entropy < self.cfg.collapse_entropy_threshold) | (
-            stats["dead"] > self.cfg.collapse_dead_threshold
-        )
-        if bool(collapsed.any()):
-            self._collapses += 1
-            if not self._warned:
-                self._warned = True
-                layers = [i for i, c in enumerate(collapsed.tolist()) if c]
-                log.warning(
-                    "expert load collapsed in MoE layer(s) %s at step %d (normalised entropy %s, "
-                    "dead experts %s); further collapses are counted in moe/collapse_steps",
-                    layers, step, [round(float(e), 3) for e in entropy], stats["dead"].tolist(),
-                )  # fmt: skip
-        metrics["moe/collapse_steps"] = float(self._collapses)
-        row = {
-            "step": step,
-            "load_fraction": [[round(float(x), 6) for x in r] for r in stats["load_fraction"]],
-            "entropy": [float(e) for e in entropy],
-            "dead": [int(d) for d in stats["dead"]],
-        }
-        return metrics, row
+        """`moe/*` metrics since the last flush, and the `expert_load.jsonl` row
+        (`ExpertMonitor.flush`)."""
+        return self.expert_monitor.flush(step, reduce_sum=reduce_sum)
 
     # ---- aux_loss_scope=global ----------------------------------------------------------------
 
@@ -249,12 +191,6 @@ class RouterTools:
         self._step_tokens = 0.0
 
     # ---- RL: routing replay and drift -------------------------------------------------------
-
-    def _add_drift(self, key: str, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> None:
-        """Flip rate of routes `b` against `a` ([L, N, K]) over the `mask` tokens."""
-        value = routing_drift(a, b, mask)["flip_rate"]
-        if torch.isfinite(value):
-            self._drift.setdefault(key, []).append((float(value), float(mask.sum())))
 
     @contextmanager
     def record_routes(
@@ -312,12 +248,12 @@ class RouterTools:
         if self.rollout_routes is not None and update_index == 0:
             ref = select_tokens(self.rollout_routes[:, sl], cols)
             mask = token_mask & (ref[0, :, 0] >= 0)
-            self._add_drift("moe/route_flip_rate_rollout_train", ref, used, mask)
-            self._add_drift("moe/route_flip_rate_rollout_train_own", ref, own, mask)
+            self.expert_monitor.add_drift("moe/route_flip_rate_rollout_train", ref, used, mask)
+            self.expert_monitor.add_drift("moe/route_flip_rate_rollout_train_own", ref, own, mask)
         key = (sl.start, sl.stop)
         if update_index > 0 and key in self._last_update:
             prev = self._last_update[key]
-            self._add_drift("moe/route_flip_rate_update", prev, own, token_mask)
+            self.expert_monitor.add_drift("moe/route_flip_rate_update", prev, own, token_mask)
         self._last_update[key] = own.detach()
 
     @property
