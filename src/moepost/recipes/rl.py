@@ -158,10 +158,8 @@ def _rl_step(
         )
     engine_sync_if_noisy(engine, model, sigma)
     advantages, adv_metrics = compute_advantages(scores, batch, cfg)
-    tensors = tensors_for_step(
-        batch, advantages, tokenizer.pad_token_id, device,
-        packed=cfg.data.packing, shared_prefix=shared_prefix,
-    )  # fmt: skip
+    layout = {"packed": cfg.data.packing, "shared_prefix": shared_prefix}
+    tensors = tensors_for_step(batch, advantages, tokenizer.pad_token_id, device, **layout)
     tensors = dataclasses.replace(tensors, micro_batches=plan_micro_batches(tensors, cfg, dist))
     width, num_completion = tensors.input_ids.shape[1], tensors.completion_ids.shape[1]
     router.set_rollout_routes(batch.routes, batch.prompt_ids, width, width - num_completion)
