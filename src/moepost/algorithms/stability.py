@@ -51,15 +51,16 @@ def _tensor_norms(grads: list[Tensor]) -> Tensor:
         return torch.zeros(0, dtype=torch.float32)
     device = grads[0].device
     norms = [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
-    meshes = {id(getattr(n, "device_mesh", None)): getattr(n, "device_mesh", None) for n in norms}
-    if len(meshes) == 1:
+    by_mesh: dict[int, list[int]] = {}
+    for i, n in enumerate(norms):
+        by_mesh.setdefault(id(getattr(n, "device_mesh", None)), []).append(i)
+    if len(by_mesh) == 1:
         return torch.stack(norms)
     # Sharded gradients (DTensors) on several device meshes (expert parallelism: experts on
     # their own mesh) cannot be stacked together: each mesh's norms are reduced over that mesh
     # (`full_tensor`, one collective per mesh) and the plain results put back in order.
     out = torch.empty(len(norms), dtype=torch.float32, device=device)
-    for key in meshes:
-        idx = [i for i, n in enumerate(norms) if id(getattr(n, "device_mesh", None)) == key]
+    for idx in by_mesh.values():
         stacked = torch.stack([norms[i] for i in idx])
         full = stacked.full_tensor() if hasattr(stacked, "full_tensor") else stacked
         out[torch.tensor(idx, device=device)] = full.to(device)
