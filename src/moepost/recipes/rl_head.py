@@ -20,7 +20,7 @@ from moepost.components.model.lm_head import HeadRequest, head_output, head_requ
 from moepost.config.schema import Config
 
 if TYPE_CHECKING:
-    from moepost.recipes.rl_update import StepTensors
+    from moepost.recipes.step_tensors import StepTensors
 
 
 def chunked_completion_logprobs(
