@@ -26,6 +26,8 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy src
 
 bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"

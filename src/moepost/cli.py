@@ -152,12 +152,12 @@ def _export(args: argparse.Namespace) -> int:
 def _quickstart(args: argparse.Namespace) -> int:
     from moepost.tools.quickstart import run_quickstart
 
-    run_quickstart(args.output, seed=args.seed, fast=args.fast)
+    run_quickstart(args.output, command=main, seed=args.seed, fast=args.fast)
     return 0
 
 
 def _report(args: argparse.Namespace) -> int:
-    from moepost.tools.report import write_report
+    from moepost.components.training.report import write_report
 
     print(f"wrote {write_report(args.run_dir)}")
     return 0

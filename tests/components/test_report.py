@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
+from moepost.components.training.report import write_report
+from moepost.components.training.run_log import as_float, load_jsonl, series
 from moepost.errors import UserError
-from moepost.tools.report import write_report
-from moepost.tools.run_log import as_float, load_jsonl, series
 
 ROLLOUT_TEXT = "The answer is <b>42</b> & done"
 RL_PLOTS = [
@@ -158,8 +158,8 @@ def test_expert_load_alone_draws_the_two_load_figures(tmp_path: Path) -> None:
 
 
 def test_reward_fault_counts_get_their_own_figure_only_when_nonzero() -> None:
-    from moepost.tools.report import _summary
-    from moepost.tools.report_figures import plan_figures
+    from moepost.components.training.report import _summary
+    from moepost.components.training.report_figures import plan_figures
 
     rows = [
         {"step": s, "reward/mean": 0.5, "reward/f": 0.5, "reward/f_errors": float(s == 2),

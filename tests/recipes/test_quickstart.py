@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from moepost.cli import main
 from moepost.tools.quickstart import run_quickstart
 from moepost.tools.quickstart_data import make_problems, write_dataset
 
@@ -56,7 +57,7 @@ def _check_run_dir(run: Path, *, rl: bool) -> None:
 
 @pytest.mark.slow
 def test_fast_quickstart_writes_every_output(tmp_path: Path) -> None:
-    summary = run_quickstart(tmp_path, seed=0, fast=True)
+    summary = run_quickstart(tmp_path, command=main, seed=0, fast=True)
     for name in ("sft", "gspo"):
         _check_run_dir(tmp_path / name, rl=name == "gspo")
     on_disk = json.loads((tmp_path / "quickstart_summary.json").read_text())

@@ -7,15 +7,14 @@ deepspeed) and returns a `DistContext`; `prepare_model` wraps the policy for DDP
 
 from __future__ import annotations
 
-from moepost.distributed.context import DistContext, describe, init_distributed
-from moepost.distributed.wrap import (
-    attach_optimizer,
+from moepost.distributed.context import DistContext, require_deepspeed
+from moepost.distributed.setup import (
     check_supported,
-    deepspeed_config,
+    describe,
     generation_lockstep,
-    prepare_model,
-    require_deepspeed,
+    init_distributed,
 )
+from moepost.distributed.wrap import attach_optimizer, deepspeed_config, prepare_model
 
 __all__ = [
     "DistContext",

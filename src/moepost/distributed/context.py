@@ -1,4 +1,4 @@
-"""Process group set-up and the few collectives the training loops need.
+"""The few collectives the training loops need, and gathering whole weights to save them.
 
 A `DistContext` is what a recipe holds: its rank, world size and device, the reductions the
 loop needs (global token counts, metric means over ranks), and, once `wrap.prepare_model` has
@@ -14,9 +14,6 @@ one-process gradient of the same global batch (exactly, for a power-of-two world
 
 from __future__ import annotations
 
-import atexit
-import os
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +22,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from moepost.config.schema import Config
 from moepost.errors import UserError
 
 # Seeds of different ranks are this far apart, so per-rank sampling streams never coincide.
@@ -209,8 +205,6 @@ class DistContext:
     def full_weights(self, model: torch.nn.Module) -> Iterator[None]:
         """Every rank enters, so rank 0 can save whole weights inside: FSDP2 gathers the full
         state dict to rank 0, DeepSpeed ZeRO-3 gathers the parameters; a no-op otherwise."""
-        from moepost.distributed.wrap import gathered_parameters
-
         with gathered_parameters(model, self):
             yield
 
@@ -222,61 +216,61 @@ class DistContext:
         self.active = False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+DEEPSPEED_HINT = "pip install 'moepost[deepspeed]'"
 
 
-def init_distributed(
-    cfg: Config, device: torch.device, *, resume: str | None = None
-) -> DistContext:
-    """The run's `DistContext`, joining (or creating) the process group when needed.
-
-    A group is used when a launcher started several processes (`WORLD_SIZE` > 1: torchrun,
-    `accelerate launch`, `deepspeed`) or when `distributed.enabled` is true (a single process
-    then forms a group of one, which runs the distributed code path on one device).
-    Backend: nccl for CUDA devices, gloo for CPU. Unsupported combinations (see
-    `wrap.check_supported`) fail here, before any model is loaded.
-    """
-    from moepost.distributed.wrap import check_supported
-
-    env = os.environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    rank = int(env.get("RANK", "0"))
-    local_rank = int(env.get("LOCAL_RANK", "0"))
-    backend = cfg.distributed.backend
-    if world == 1 and not cfg.distributed.enabled:
-        return DistContext(device=device, backend=backend)
-    if device.type == "cuda":
-        # One GPU per process: under a launcher the local rank picks it.
-        index = local_rank if world > 1 or device.index is None else device.index
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-    ctx = DistContext(rank, world, local_rank, device, backend, active=True)
-    ctx.expert_parallel = cfg.distributed.expert_parallel_size
-    if dist.is_initialized():  # a launcher helper (or a test) already set it up
-        ctx.rank, ctx.world_size = dist.get_rank(), dist.get_world_size()
-        check_supported(cfg, ctx, resume=resume)
-        return ctx
-    check_supported(cfg, ctx, resume=resume)
-    pg_backend = "nccl" if device.type == "cuda" else "gloo"
-    if "MASTER_ADDR" in env and "WORLD_SIZE" in env:
-        dist.init_process_group(pg_backend, device_id=device if device.type == "cuda" else None)
-    else:  # not launched: a group of one on a private port
-        dist.init_process_group(
-            pg_backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
-        )
-    ctx.owns_group = True
-    atexit.register(ctx.close)
-    return ctx
+def require_deepspeed() -> Any:
+    try:
+        import deepspeed
+    except ImportError as err:
+        raise UserError(
+            f"distributed.backend=deepspeed needs the deepspeed package, which is not "
+            f"installed: {DEEPSPEED_HINT} (or use distributed.backend=ddp or fsdp)"
+        ) from err
+    return deepspeed
 
 
-def describe(ctx: DistContext) -> str:
+@contextmanager
+def gathered_parameters(model: torch.nn.Module, ctx: DistContext) -> Iterator[None]:
+    """Whole parameters on every rank inside the block (all ranks must enter it)."""
     if not ctx.active:
-        return "single process"
-    experts = f", experts split over {ctx.expert_parallel} ranks" if ctx.expert_parallel > 1 else ""
-    return (
-        f"data parallel: rank {ctx.rank}/{ctx.world_size} ({ctx.backend}{experts}, "
-        f"{dist.get_backend()} on {ctx.device})"
+        yield
+        return
+    if ctx.backend == "fsdp":
+        with _fsdp2_full_state_for_save(model, ctx):
+            yield
+        return
+    if ctx.engine is not None and ctx.engine.zero_optimization_stage() == 3:
+        deepspeed = require_deepspeed()
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            yield
+        return
+    yield
+
+
+@contextmanager
+def _fsdp2_full_state_for_save(model: torch.nn.Module, ctx: DistContext) -> Iterator[None]:
+    """FSDP2: every rank joins the all-gather of the full state dict (CPU, rank 0 only); inside
+    the block rank 0's `save_pretrained` writes that dict instead of the sharded DTensors.
+
+    FSDP2's state-dict hooks always return shards, even after `unshard()`, and
+    `components.checkpoint` calls a plain `save_pretrained(dir)`, so the full dict is bound to
+    the instance for the duration of the block (transformers and PEFT both take `state_dict=`).
+    """
+    import functools
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from moepost.components.training.checkpoint import unwrap
+
+    full = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
+    target = unwrap(model)
+    if ctx.is_main:
+        bound = functools.partial(type(target).save_pretrained, target, state_dict=full)
+        target.__dict__["save_pretrained"] = bound
+    try:
+        yield
+    finally:
+        target.__dict__.pop("save_pretrained", None)

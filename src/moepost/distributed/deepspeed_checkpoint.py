@@ -24,17 +24,34 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
 
 from moepost.components.training import checkpoint as ckpt
 from moepost.config.load import config_to_dict
+from moepost.config.schema import Config
+from moepost.distributed.context import DistContext
 from moepost.errors import UserError
 
-if TYPE_CHECKING:
-    from moepost.recipes.common import Optimization, Run, TrainState
+
+# What this module reads of the recipe's objects (`recipes.common.Run`, `Optimization`,
+# `TrainState`), as structural types: the recipes call down into this layer, not the reverse.
+class Run(Protocol):
+    cfg: Config
+    output_dir: Path
+    dist: DistContext
+
+
+class Optimization(Protocol):
+    calls: int  # optimizer steps attempted; the rest of the optimizer is in the engine state
+
+
+class TrainState(Protocol):
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # a dataclass: saved with dataclasses.asdict
+    step: int
+
 
 ENGINE_DIR = "deepspeed"
 TAG = "state"  # one engine checkpoint per folder: a fixed tag, no "global_stepN" names

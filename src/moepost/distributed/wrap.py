@@ -11,73 +11,14 @@ and `find_moe_layers` / `checkpoint.unwrap` look through it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moepost.config.schema import Config, DistributedConfig
-from moepost.distributed.context import DistContext
+from moepost.distributed.context import DistContext, require_deepspeed
 from moepost.errors import UserError
-
-DEEPSPEED_HINT = "pip install 'moepost[deepspeed]'"
-
-
-def require_deepspeed() -> Any:
-    try:
-        import deepspeed
-    except ImportError as err:
-        raise UserError(
-            f"distributed.backend=deepspeed needs the deepspeed package, which is not "
-            f"installed: {DEEPSPEED_HINT} (or use distributed.backend=ddp or fsdp)"
-        ) from err
-    return deepspeed
-
-
-def shards_weights(cfg: Config, ctx: DistContext) -> bool:
-    """Every forward is a collective (per-layer all-gathers of sharded weights): FSDP2 or
-    DeepSpeed ZeRO-3 on more than one rank."""
-    if not ctx.active or ctx.world_size == 1:
-        return False
-    backend = cfg.distributed.backend
-    return backend == "fsdp" or (backend == "deepspeed" and cfg.distributed.zero_stage == 3)
-
-
-def generation_lockstep(cfg: Config, ctx: DistContext) -> DistContext | None:
-    """What the HF rollout engine's `lockstep` takes: the context when the weights are sharded
-    (all ranks must run the same forwards, see `components.rollout.LockStep`), else None."""
-    return ctx if shards_weights(cfg, ctx) else None
-
-
-def check_supported(cfg: Config, ctx: DistContext, *, resume: str | None) -> None:
-    """Combinations the loops cannot run correctly, refused before any model is loaded."""
-    from moepost.distributed.expert_parallel import check_expert_parallel
-
-    check_expert_parallel(cfg, ctx.world_size, active=ctx.active)
-    if not ctx.active:
-        return
-    backend = cfg.distributed.backend
-    if cfg.stage == "rl" and shards_weights(cfg, ctx) and cfg.generation.backend != "hf":
-        raise UserError(
-            f"generation.backend={cfg.generation.backend} with sharded weights "
-            f"(distributed.backend={backend}): only the hf engine generates in lock-step; "
-            "use generation.backend=hf or distributed.backend=ddp"
-        )
-    if backend == "fsdp" and cfg.optim.master_weights == "fp32" and cfg.train.save_every:
-        raise UserError(
-            "optim.master_weights=fp32 with distributed.backend=fsdp and train.save_every: "
-            "sharded checkpoints do not hold fp32 master weights yet; set "
-            "optim.master_weights: none or use distributed.backend=ddp"
-        )
-    if backend == "deepspeed":
-        require_deepspeed()
-        if cfg.optim.master_weights == "fp32":
-            raise UserError(
-                "optim.master_weights=fp32 with distributed.backend=deepspeed: DeepSpeed keeps "
-                "its own fp32 master weights (bf16/fp16 config); set optim.master_weights: none"
-            )
 
 
 def prepare_model(model: torch.nn.Module, cfg: Config, ctx: DistContext) -> torch.nn.Module:
@@ -182,52 +123,6 @@ def shard_fsdp2(model: torch.nn.Module, dcfg: DistributedConfig, ctx: DistContex
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
-
-
-@contextmanager
-def gathered_parameters(model: torch.nn.Module, ctx: DistContext) -> Iterator[None]:
-    """Whole parameters on every rank inside the block (all ranks must enter it)."""
-    if not ctx.active:
-        yield
-        return
-    if ctx.backend == "fsdp":
-        with _fsdp2_full_state_for_save(model, ctx):
-            yield
-        return
-    if ctx.engine is not None and ctx.engine.zero_optimization_stage() == 3:
-        deepspeed = require_deepspeed()
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-            yield
-        return
-    yield
-
-
-@contextmanager
-def _fsdp2_full_state_for_save(model: torch.nn.Module, ctx: DistContext) -> Iterator[None]:
-    """FSDP2: every rank joins the all-gather of the full state dict (CPU, rank 0 only); inside
-    the block rank 0's `save_pretrained` writes that dict instead of the sharded DTensors.
-
-    FSDP2's state-dict hooks always return shards, even after `unshard()`, and
-    `components.checkpoint` calls a plain `save_pretrained(dir)`, so the full dict is bound to
-    the instance for the duration of the block (transformers and PEFT both take `state_dict=`).
-    """
-    import functools
-
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    from moepost.components.training.checkpoint import unwrap
-
-    full = get_model_state_dict(
-        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-    )
-    target = unwrap(model)
-    if ctx.is_main:
-        bound = functools.partial(type(target).save_pretrained, target, state_dict=full)
-        target.__dict__["save_pretrained"] = bound
-    try:
-        yield
-    finally:
-        target.__dict__.pop("save_pretrained", None)
 
 
 def deepspeed_config(cfg: Config, ctx: DistContext, *, dtype: torch.dtype) -> dict[str, Any]:

@@ -17,9 +17,12 @@ import torch
 from moepost.components.training import checkpoint as ckpt
 from moepost.components.training.logging import RunLogger, truncate_log_after
 from moepost.components.training.optim import MasterWeights, build_optimizer, build_scheduler
+from moepost.components.training.report import write_report
 from moepost.components.training.stability import GradientPipeline
 from moepost.config.load import config_to_dict, write_resolved_config
 from moepost.config.schema import Config
+from moepost.distributed import deepspeed_checkpoint, describe, init_distributed
+from moepost.distributed.sharded_checkpoint import load_sharded, save_sharded
 from moepost.micro_batches import plan_micro_batches, split_to_count
 from moepost.recipes import signals
 from moepost.recipes.run_dir import prepare_run_dir
@@ -105,8 +108,6 @@ def open_run(
 ) -> Run:
     """Seed, check the run directory (earlier run, checkpoint to resume, changed config), pick
     the device, join the process group (if any), create the run directory."""
-    from moepost.distributed import describe, init_distributed
-
     seed_everything(cfg.train.seed)
     # Every rank checks before the rendezvous, so none sees files another rank wrote.
     resume_from = None
@@ -196,8 +197,6 @@ def save(
     run: Run, model: torch.nn.Module, tokenizer: Any, opt: Optimization, state: TrainState
 ) -> Path | None:
     if run.dist is not None and run.dist.engine is not None:  # DeepSpeed: its sharded state too
-        from moepost.distributed import deepspeed_checkpoint
-
         return deepspeed_checkpoint.save(run, model, tokenizer, opt, state)
     if _sharded(run):  # FSDP2: every rank writes its shards (distributed.sharded_checkpoint)
         return _save_sharded(run, model, tokenizer, opt, state)
@@ -223,8 +222,6 @@ def _sharded(run: Run) -> bool:
 def _save_sharded(
     run: Run, model: torch.nn.Module, tokenizer: Any, opt: Optimization, state: TrainState
 ) -> Path:
-    from moepost.distributed.sharded_checkpoint import save_sharded
-
     # The optimizer's state is in the shards; the rest is the same on every rank.
     optim = {k: v for k, v in opt.state_dict().items() if k != "optimizer"}
     trainer_state = {"train": dataclasses.asdict(state), "optim": optim}
@@ -254,18 +251,12 @@ def maybe_resume(
         reset_logs(run, after_step=None)
         return TrainState()
     if run.dist is not None and run.dist.engine is not None:  # weights, optimizer, RNG per rank
-        from moepost.distributed import deepspeed_checkpoint
-
         blob = deepspeed_checkpoint.load(run, path, model, opt)
     else:
         blob = ckpt.load_trainer_state(path)
         if "deepspeed" in blob:
-            from moepost.distributed.deepspeed_checkpoint import refuse_engine_state
-
-            refuse_engine_state(path, blob)
+            deepspeed_checkpoint.refuse_engine_state(path, blob)
         if blob.get("sharded"):  # FSDP2: this rank's model / optimizer shards and RNG
-            from moepost.distributed.sharded_checkpoint import load_sharded
-
             load_sharded(path, model, opt.optimizer, run.dist)
             opt.load_state_dict(blob["optim"])
         else:
@@ -314,8 +305,6 @@ def finish_run(run: Run) -> None:
     """Close the logger and write `report.html` + `plots/` (`logging.write_report`)."""
     run.logger.close()
     if run.is_main and run.cfg.logging.write_report:
-        from moepost.tools.report import write_report
-
         run.say(f"report: {write_report(run.output_dir)}")
 
 

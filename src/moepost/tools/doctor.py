@@ -25,7 +25,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
@@ -45,30 +45,11 @@ from moepost.components.rollout.engine import build_training_tensors
 from moepost.config.schema import Config
 from moepost.tools.doctor_rollout import measure_rollout_gap
 from moepost.tools.doctor_router import custom_router_checks, has_custom_router
+from moepost.tools.doctor_setup import Check, DoctorSetup
 
-Status = Literal["OK", "WARN", "FAIL"]
 NUM_PROMPTS = 4  # prompts in the router probe (checks 2-5)
 GAP_WARN = 0.05  # mean |train - rollout| log-prob per completion token
 FLIP_WARN = 0.1  # share of (layer, token) whose top-k set differs
-
-
-@dataclass
-class Check:
-    name: str
-    status: Status
-    detail: str
-
-
-@dataclass
-class DoctorSetup:
-    """What every check works on: the run's config, model (as the run sets it up), prompts."""
-
-    cfg: Config
-    model: torch.nn.Module
-    tokenizer: Any
-    router: RouterTools
-    prompts: list[list[int]]
-    device: torch.device
 
 
 @dataclass

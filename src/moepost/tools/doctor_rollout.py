@@ -4,7 +4,7 @@ training-layout forward over them (the log-prob gap and the routing flip rate be
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -16,9 +16,7 @@ from moepost.components.rollout.engine import (
     SamplingParams,
     build_training_tensors,
 )
-
-if TYPE_CHECKING:
-    from moepost.tools.doctor import DoctorSetup
+from moepost.tools.doctor_setup import DoctorSetup
 
 ROLLOUT_PROMPTS = 2  # prompts x up to ROLLOUT_SAMPLES samples in the train-vs-rollout check
 ROLLOUT_SAMPLES = 2

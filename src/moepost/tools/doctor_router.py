@@ -14,15 +14,11 @@ forwards over the doctor's prompts check that reading (the aux-loss gradient has
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from moepost.components.moe.capture import capture_routing, replay_routing
 from moepost.components.rollout.engine import build_training_tensors
-
-if TYPE_CHECKING:
-    from moepost.tools.doctor import Check, DoctorSetup
+from moepost.tools.doctor_setup import Check, DoctorSetup
 
 TOPK_AGREE_WARN = 0.999  # share of (layer, token) whose block top-k = top-k of the logits
 
@@ -44,8 +40,6 @@ def _pad(s: DoctorSetup) -> int:
 
 def custom_router_checks(s: DoctorSetup) -> list[Check]:
     """The "router capture" and "router replay" lines (see the module docstring)."""
-    from moepost.tools.doctor import Check
-
     inputs, mask = _forward(s)
     s.model.eval()
     with torch.no_grad(), capture_routing(s.model) as cap:
@@ -86,8 +80,6 @@ def _replay_check(
     s: DoctorSetup, inputs: dict[str, torch.Tensor], reference: torch.Tensor, own: torch.Tensor
 ) -> Check:
     """Own routes [L, N, K] replayed: bit-identical output; other experts: a different one."""
-    from moepost.tools.doctor import Check
-
     with torch.no_grad(), replay_routing(s.model, own):
         same = s.model(**inputs, use_cache=False).logits
     # Every chosen expert moved one up: still K distinct experts per token, none as before.

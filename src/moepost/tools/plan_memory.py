@@ -146,12 +146,12 @@ def head_not_chunked(config: Any, cfg: Config, gpus: int) -> str | None:
 
 def trainer_refusals(cfg: Config, gpus: int) -> list[str]:
     """The one-line errors the trainer would stop with at `gpus` ranks (the trainer's own
-    checks: `distributed.wrap.check_supported`, `config.validate.check_world_size`,
+    checks: `distributed.setup.check_supported`, `config.validate.check_world_size`,
     `components.model.placement.gpu_ids_device`)."""
     from moepost.components.model.placement import gpu_ids_device
     from moepost.config.validate import check_world_size
     from moepost.distributed.context import DistContext
-    from moepost.distributed.wrap import check_supported
+    from moepost.distributed.setup import check_supported
 
     active = gpus > 1 or cfg.distributed.enabled
     ctx = DistContext(world_size=gpus, backend=cfg.distributed.backend, active=active)

@@ -24,6 +24,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,10 @@ STAGES = ("base", "sft", "gspo")
 # What a quickstart writes into its output folder (removed again on a re-run).
 OUTPUTS = ("model", "data", "base_eval", "sft", "sft_eval", "gspo", "quickstart_summary.json")
 MARKER = ".moepost_quickstart"
+# The `moepost` command's entry point (`cli.main`: argv -> exit code), passed in by the CLI.
+# The train / eval steps run through it, the same code path as the shell command; taking it as
+# an argument keeps this module below the CLI that imports it.
+Command = Callable[[list[str]], int]
 MODEL = {"hidden_size": 128, "num_layers": 4, "num_experts": 8, "top_k": 2}
 # Fast mode (the end-to-end test): a few steps per stage, every output still written.
 FAST_DATA = {"num_train": 64, "num_eval": 8}
@@ -58,12 +63,10 @@ def config_dir() -> Path:
     )
 
 
-def _cli(args: list[str]) -> None:
+def _cli(command: Command, args: list[str]) -> None:
     """Run a `moepost` command in this process, the same code path as the shell command."""
-    from moepost.cli import main
-
     print(f"\n$ moepost {' '.join(args)}", flush=True)
-    code = main(args)
+    code = command(args)
     if code != 0:  # the command has printed its own error line
         raise UserError(f"quickstart: `moepost {' '.join(args[:2])}` failed (exit code {code})")
 
@@ -114,18 +117,19 @@ def load_entropy(model_dir: Path, eval_file: Path, limit: int = 64) -> float:
 
 
 def _eval_stage(
-    name: str, model_dir: Path, out: Path, gspo_cfg: Path, paths: list[str]
+    command: Command, name: str, model_dir: Path, out: Path, gspo_cfg: Path, paths: list[str]
 ) -> dict[str, Any]:
     """`moepost eval gspo.yaml` on `model_dir`; returns accuracy / reward_mean from its log."""
     run_dir = out / f"{name}_eval"
     _cli(
+        command,
         [
             "eval",
             str(gspo_cfg),
             *paths,
             f"model.policy_name_or_path={model_dir}",
             f"logging.output_dir={run_dir}",
-        ]
+        ],
     )
     return {
         "accuracy": _last(run_dir / "eval_log.jsonl", "eval/accuracy"),
@@ -135,7 +139,7 @@ def _eval_stage(
 
 
 def _report(run_dir: Path) -> str:
-    from moepost.tools.report import write_report
+    from moepost.components.training.report import write_report
 
     return str(write_report(run_dir))
 
@@ -162,12 +166,13 @@ def _prepare_output(output: str | Path) -> Path:
 
 
 def _run_sft(
-    out: Path, sft_cfg: Path, gspo_cfg: Path, args: list[str], fast: bool
+    command: Command, out: Path, sft_cfg: Path, gspo_cfg: Path, args: list[str], fast: bool
 ) -> dict[str, Any]:
     run_dir = out / "sft"
     paths = [f"model.policy_name_or_path={out / 'model'}", f"logging.output_dir={run_dir}"]
     # The report is drawn below, once the generation eval outputs are in the run folder.
     _cli(
+        command,
         [
             "train",
             str(sft_cfg),
@@ -175,18 +180,20 @@ def _run_sft(
             *paths,
             "logging.write_report=false",
             *(FAST_SFT if fast else []),
-        ]
+        ],
     )
-    stage = _eval_stage("sft", run_dir / "final", out, gspo_cfg, args)
+    stage = _eval_stage(command, "sft", run_dir / "final", out, gspo_cfg, args)
     shutil.copyfile(out / "sft_eval" / "eval_outputs.jsonl", run_dir / "eval_outputs.jsonl")
     stage.update(model=str(run_dir / "final"), report=_report(run_dir))
     return stage
 
 
-def _run_gspo(out: Path, gspo_cfg: Path, args: list[str], fast: bool) -> dict[str, Any]:
+def _run_gspo(
+    command: Command, out: Path, gspo_cfg: Path, args: list[str], fast: bool
+) -> dict[str, Any]:
     run_dir = out / "gspo"
     paths = [f"model.policy_name_or_path={out / 'sft' / 'final'}", f"logging.output_dir={run_dir}"]
-    _cli(["train", str(gspo_cfg), *args, *paths, *(FAST_GSPO if fast else [])])
+    _cli(command, ["train", str(gspo_cfg), *args, *paths, *(FAST_GSPO if fast else [])])
     # The run ends with an eval of its final weights on the eval split: the GSPO figures.
     log = run_dir / "train_log.jsonl"
     report = run_dir / "report.html"
@@ -198,20 +205,25 @@ def _run_gspo(out: Path, gspo_cfg: Path, args: list[str], fast: bool) -> dict[st
     }
 
 
-def run_quickstart(output: str | Path, *, seed: int = 0, fast: bool = False) -> dict[str, Any]:
-    """Build, train (SFT then GSPO), evaluate and summarise; returns the summary dict."""
+def run_quickstart(
+    output: str | Path, *, command: Command, seed: int = 0, fast: bool = False
+) -> dict[str, Any]:
+    """Build, train (SFT then GSPO), evaluate and summarise; returns the summary dict.
+
+    command: `moepost.cli.main`, which runs each train / eval step (see `Command`).
+    """
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # "Writing model shards" at every save
     try:
-        return _run(output, seed=seed, fast=fast)
+        return _run(output, command, seed=seed, fast=fast)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
 
 
-def _run(output: str | Path, *, seed: int, fast: bool) -> dict[str, Any]:
+def _run(output: str | Path, command: Command, *, seed: int, fast: bool) -> dict[str, Any]:
     from moepost.tools.quickstart_data import write_dataset
     from moepost.tools.tiny_model import build_tiny_model
 
@@ -227,13 +239,13 @@ def _run(output: str | Path, *, seed: int, fast: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         if name == "base":
             stages[name] = {
-                **_eval_stage(name, model_dir, out, gspo_cfg, args),
+                **_eval_stage(command, name, model_dir, out, gspo_cfg, args),
                 "model": str(model_dir),
             }
         elif name == "sft":
-            stages[name] = _run_sft(out, sft_cfg, gspo_cfg, args, fast)
+            stages[name] = _run_sft(command, out, sft_cfg, gspo_cfg, args, fast)
         else:
-            stages[name] = _run_gspo(out, gspo_cfg, args, fast)
+            stages[name] = _run_gspo(command, out, gspo_cfg, args, fast)
         stages[name]["wall_s"] = time.perf_counter() - t0
     for name in STAGES:
         stages[name]["load_entropy"] = load_entropy(Path(stages[name]["model"]), eval_file)

@@ -20,6 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moepost.components.data.readers import (
+    check_json_lines,
+    check_utf8_lines,
+    hub_offline,
+    load_disk_dataset,
+    load_hub_cached,
+    read_json,
+)
 from moepost.config.schema import DataConfig, MiscConfig
 from moepost.errors import UserError
 
@@ -68,8 +76,6 @@ def file_stream(path: Path, key: str) -> Callable[[], Any]:
     def open_file() -> Any:
         import datasets
 
-        from moepost.components.data.files import hub_offline
-
         with hub_offline():
             return datasets.load_dataset(
                 builder, data_files=str(path), split="train", streaming=True
@@ -80,8 +86,6 @@ def file_stream(path: Path, key: str) -> Callable[[], Any]:
 
 def stream_source(cfg: DataConfig, misc: MiscConfig) -> StreamSource:
     """The training source of `cfg` as a stream (`data.train_file` or `data.dataset_name`)."""
-    from moepost.components.data.files import load_disk_dataset, load_hub_cached
-
     if cfg.train_file:
         p = Path(cfg.train_file).expanduser()
         if not p.exists():
@@ -110,15 +114,13 @@ def stream_error(source: StreamSource, exc: Exception, number: int) -> UserError
     Its JSON / UTF-8 errors name a byte position in a block, not a line, so a local text file
     is re-read line by line (only now, on the error path) to name the first bad line.
     """
-    from moepost.components.data.files import check_json_lines, check_utf8_lines, read_rows
-
     if source.file is not None:
         suffix = source.file.suffix.lower()
         try:
             if suffix in (".jsonl", ".ndjson"):
                 check_json_lines(source.file, source.key)
             elif suffix == ".json":
-                read_rows(str(source.file), source.key)
+                read_json(source.file, source.key)
             elif suffix == ".csv":
                 check_utf8_lines(source.file, source.key)
         except UserError as located:

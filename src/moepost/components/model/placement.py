@@ -1,7 +1,7 @@
 """Which device each model of a rank goes on: the policy, the reference and the reward models.
 
 Every process (rank) trains on one device: `cuda:$LOCAL_RANK` under a launcher, `misc.device`
-otherwise (`components.model.resolve_device`, `distributed.context.init_distributed`). Reward
+otherwise (`components.model.resolve_device`, `distributed.setup.init_distributed`). Reward
 models (MetricX, xCOMET) go where `reward.<kind>.device` says, resolved on each rank:
 
 - `auto` (the default) / `policy`: the rank's own device, so N ranks use N GPUs;

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from moepost.components.rollout.engine import SamplingParams
+from moepost.components.rollout.interface import SamplingParams
 
 
 def sample_tokens(

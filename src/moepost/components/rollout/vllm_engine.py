@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from moepost.components.rollout.engine import RolloutBatch, SamplingParams, cut_at_stop
+from moepost.components.rollout.interface import RolloutBatch, SamplingParams, cut_at_stop
 from moepost.errors import UserError
 
 

@@ -1,1 +1,2 @@
-"""Checkpoints, optimizer, noise injection, numerical-stability glue, run logging."""
+"""Checkpoints, optimizer, noise injection, numerical-stability glue, run logging and the report
+written from the logs."""

@@ -10,8 +10,8 @@ import math
 from functools import partial
 from typing import Any
 
+from moepost.components.training.run_log import as_float, match_keys, numeric_keys, series
 from moepost.errors import UserError
-from moepost.tools.run_log import as_float, match_keys, numeric_keys, series
 
 # One figure each, in this order: (file, title, y label, key patterns). A key goes to the first
 # figure that matches it; reward, eval and the two expert-load figures have their own drawing.

@@ -15,9 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from moepost.components.training.report_figures import plan_figures
+from moepost.components.training.run_log import (
+    as_float,
+    load_jsonl,
+    match_keys,
+    numeric_keys,
+    series,
+)
 from moepost.errors import UserError
-from moepost.tools.report_figures import plan_figures
-from moepost.tools.run_log import as_float, load_jsonl, match_keys, numeric_keys, series
 
 _LOG_FILES = ("train_log.jsonl", "eval_log.jsonl")
 
