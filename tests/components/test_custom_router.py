@@ -26,7 +26,12 @@ from moepost.components.moe.capture import (
     router_parameters,
 )
 from moepost.components.moe.discovery import set_router_module
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.router_setup import (
+    aux_loss,
+    capture_router,
+    describe_router,
+    router_setup,
+)
 from moepost.config.load import load_config
 from moepost.config.schema import MiscConfig, ModelConfig, MoEConfig
 from moepost.errors import UserError
@@ -85,7 +90,7 @@ def test_discovery_finds_the_linear_gate_and_warns(
 ) -> None:
     model = load(custom_dir)
     with caplog.at_level(logging.WARNING, logger="moepost.moe"):
-        tools = RouterTools(model, MoEConfig())
+        tools = router_setup(model, MoEConfig())
         find_moe_layers(model)  # warned once per model, not per call
     layers = tools.layers
     assert [i.name for i in layers] == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
@@ -99,7 +104,9 @@ def test_discovery_finds_the_linear_gate_and_warns(
     )
     assert "took 'layers.0.mlp.gate' (weight [4, 32] = [E, H], top-2 of 4 experts" in warns[0]
     assert "run `moepost doctor`" in warns[0] and "moe.router_module" in warns[0]
-    assert "block_topk at layers.0.mlp.gate, not verified: run moepost doctor" in tools.describe()
+    assert "block_topk at layers.0.mlp.gate, not verified: run moepost doctor" in describe_router(
+        tools
+    )
     assert tools.aux_coef == pytest.approx(0.01)  # the checkpoint's router_aux_loss_coef
 
 
@@ -173,10 +180,10 @@ def test_replay_own_routes_is_identity_and_other_routes_change_the_output(
 
 def test_aux_loss_gradient_reaches_the_gate_and_freezing(custom_dir: Path) -> None:
     model = load(custom_dir)
-    tools = RouterTools(model, MoEConfig(router_aux_loss_coef=0.1))
-    with tools.capture() as cap:
+    tools = router_setup(model, MoEConfig(router_aux_loss_coef=0.1))
+    with capture_router(tools) as cap:
         model(_tokens())
-    aux, metrics = tools.losses(cap, torch.ones(10, dtype=torch.bool), share=1.0)
+    aux, metrics = aux_loss(tools, cap, torch.ones(10, dtype=torch.bool), share=1.0)
     assert metrics["aux_loss"] >= 2.0 - 1e-6
     aux.backward()
     for layer in model.layers:
@@ -198,9 +205,9 @@ def test_ambiguous_block_needs_router_module(tmp_path: Path) -> None:
     assert message.startswith("model: MoE block 'layers.0.mlp' (CustomMoeSparseBlock) has a ")
     assert "several candidates gate, noise_gate [E=4, H=32]" in message
     assert "set moe.router_module" in message
-    tools = RouterTools(model, MoEConfig(router_module="mlp.gate"))
+    tools = router_setup(model, MoEConfig(router_module="mlp.gate"))
     assert [i.name for i in tools.layers] == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
-    with tools.capture() as cap:
+    with capture_router(tools) as cap:
         model(_tokens())
     assert cap.indices().shape == (2, 10, 2)
 
@@ -208,7 +215,7 @@ def test_ambiguous_block_needs_router_module(tmp_path: Path) -> None:
 def test_router_module_by_class_name(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     model = load(build_custom_moe(tmp_path / "module", router_style="module"))
     with caplog.at_level(logging.WARNING, logger="moepost.moe"):
-        tools = RouterTools(model, MoEConfig(router_module="CustomMoeRouter"))
+        tools = router_setup(model, MoEConfig(router_module="CustomMoeRouter"))
     assert [i.name for i in tools.layers] == ["layers.0.mlp.gate", "layers.1.mlp.gate"]
     (warn,) = [r.getMessage() for r in caplog.records if r.name == "moepost.moe"]
     assert "moe.router_module = 'CustomMoeRouter': took 'layers.0.mlp.gate'" in warn
@@ -225,7 +232,7 @@ def test_router_module_by_class_name(tmp_path: Path, caplog: pytest.LogCaptureFi
 def test_router_with_top_k_inside_and_no_logits_output(tmp_path: Path) -> None:
     """DeepSeek-style hub router (the G3MoE seed's kind): returns (indices, weights) only."""
     model = load(build_custom_moe(tmp_path / "topk_router", router_style="topk_router"))
-    layers = RouterTools(model, MoEConfig()).layers
+    layers = router_setup(model, MoEConfig()).layers
     assert [i.name for i in layers] == ["layers.0.mlp.router", "layers.1.mlp.router"]
     router = model.layers[0].mlp.router
     assert layers[0].weight is router.router.weight and layers[0].top_k == 2
@@ -268,13 +275,13 @@ def test_doctor_warns_when_the_block_routes_on_other_scores(tmp_path: Path) -> N
 def test_router_module_that_names_nothing(custom_dir: Path) -> None:
     model = load(custom_dir)
     with pytest.raises(UserError, match=r"^moe.router_module: 'mlp.router' names no module"):
-        RouterTools(model, MoEConfig(router_module="mlp.router"))
+        router_setup(model, MoEConfig(router_module="mlp.router"))
 
 
 def test_router_module_without_logits_fails_at_the_forward(custom_dir: Path) -> None:
     model = load(custom_dir)
     with pytest.raises(UserError, match=r"'layers.0.attn.qkv' \(Linear\) has no 2-D weight \[E=4"):
-        RouterTools(model, MoEConfig(router_module="attn.qkv"))  # [3H, H], not [E, H]
+        router_setup(model, MoEConfig(router_module="attn.qkv"))  # [3H, H], not [E, H]
 
 
 def test_block_without_a_topk_fails_at_the_forward(
@@ -300,7 +307,7 @@ def test_block_without_a_topk_fails_at_the_forward(
 def test_uncapturable_router_is_a_one_line_error_naming_the_key(tmp_path: Path) -> None:
     model = load(build_custom_moe(tmp_path / "matmul", router_style="matmul"))
     with pytest.raises(UserError) as err:
-        RouterTools(model, MoEConfig())
+        router_setup(model, MoEConfig())
     message = str(err.value)
     assert "\n" not in message
     assert message == (
@@ -446,12 +453,12 @@ def test_lora_on_the_custom_gate_is_captured_and_frozen_with_it(custom_dir: Path
     x = _tokens()
     outputs: list[torch.Tensor] = []
     handle = gate.register_forward_hook(lambda m, a, out: outputs.append(out))
-    tools = RouterTools(model, MoEConfig(router_aux_loss_coef=0.1))
-    with tools.capture() as cap:
+    tools = router_setup(model, MoEConfig(router_aux_loss_coef=0.1))
+    with capture_router(tools) as cap:
         model(input_ids=x)
     handle.remove()
     torch.testing.assert_close(cap.logits(0), outputs[0], rtol=0, atol=0)  # with the adapter
-    aux, _ = tools.losses(cap, torch.ones(10, dtype=torch.bool), share=1.0)
+    aux, _ = aux_loss(tools, cap, torch.ones(10, dtype=torch.bool), share=1.0)
     aux.backward()
     assert float(gate.lora_A["default"].weight.grad.norm()) > 0
     names = [n for n, _ in router_parameters(model, include_adapters=True)]

@@ -281,7 +281,8 @@ def test_finished_rows_leave_the_decode_batch(model, tokenizer, prompts, chunk_r
     same tokens, finish reasons and log-probs as keeping every row, the same routes for every
     token it fed, and forwards that really ran on fewer rows (in one chunk of 12 rows, or in
     chunks of 8 and 4)."""
-    from moepost.components.moe.router_tools import RouterTools
+    from moepost.components.moe.router_setup import router_setup
+    from moepost.components.rollout.batch_routes import capture_generation, generation_routes
     from moepost.config.schema import MoEConfig
 
     eos_ids = list(range(2, 14))  # frequent enough that rows end at different steps
@@ -299,10 +300,10 @@ def test_finished_rows_leave_the_decode_batch(model, tokenizer, prompts, chunk_r
         eng.step_callback = lambda s, p, e=eng, out=sizes: out.append(
             len(e.batch_rows) if e.batch_rows is not None else -1
         )
-        router = RouterTools(model, MoEConfig(routing_replay="r3"))
-        with router.capture_generation(eng) as holder:
+        router = router_setup(model, MoEConfig(routing_replay="r3"))
+        with capture_generation(router, eng) as holder:
             batch = eng.generate(prompts, params)
-        routes = router.generation_routes(holder, prompts, batch, micro_batch_size=chunk_rows)
+        routes = generation_routes(router, holder, prompts, batch, micro_batch_size=chunk_rows)
         runs[compact] = (batch, routes, sizes)
     (fast, fast_routes, sizes), (full, full_routes, _) = runs[True], runs[False]
     lengths = [len(c) for c in full.completion_ids]
@@ -343,7 +344,8 @@ def test_lockstep_keeps_stepping_and_changes_nothing(model, tokenizer, prompts, 
     another rank runs, and runs the other rank's extra chunks on a dummy prompt; its tokens,
     log-probs, finish reasons and captured routes equal the free-running loop's exactly, and
     those extra forwards are tagged idle."""
-    from moepost.components.moe.router_tools import RouterTools
+    from moepost.components.moe.router_setup import router_setup
+    from moepost.components.rollout.batch_routes import capture_generation, generation_routes
     from moepost.config.schema import MoEConfig
 
     eos_ids = list(range(2, 40))  # rows end early and at different steps
@@ -367,10 +369,10 @@ def test_lockstep_keeps_stepping_and_changes_nothing(model, tokenizer, prompts, 
                 o.at(s, p)
 
         eng.step_callback = callback
-        router = RouterTools(model, MoEConfig(routing_replay="r3"))
-        with router.capture_generation(eng) as holder:
+        router = router_setup(model, MoEConfig(routing_replay="r3"))
+        with capture_generation(router, eng) as holder:
             batch = eng.generate(prompts, params)
-        routes = router.generation_routes(holder, prompts, batch, micro_batch_size=8)
+        routes = generation_routes(router, holder, prompts, batch, micro_batch_size=8)
         runs[name] = (batch, routes, calls, other)
     (free, free_routes, free_calls, _), (lock, lock_routes, lock_calls, other) = (
         runs["free"],

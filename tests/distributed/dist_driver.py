@@ -23,12 +23,13 @@ import torch.distributed as tdist
 
 from moepost.cli import main as cli_main
 from moepost.components.model.loading import load_policy
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.router_setup import router_setup
 from moepost.components.rollout.engine import build_training_tensors
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
-from moepost.recipes import rl_update
-from moepost.recipes.rl_update import plan_micro_batches, policy_update
+from moepost.recipes import rl_passes
+from moepost.recipes.rl_passes import plan_micro_batches
+from moepost.recipes.rl_update import policy_update
 from moepost.recipes.step_tensors import StepTensors
 
 GROUP = 2
@@ -79,7 +80,7 @@ def step_tensors(
     )
 
 
-REAL_SHARED = rl_update.shared_prefix_logits
+REAL_SHARED = rl_passes.shared_prefix_logits
 
 
 def _counted(calls: list[int], real: Any, *args: Any) -> torch.Tensor:
@@ -117,13 +118,13 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
         torch.manual_seed(0)
         reference = load_policy(cfg.model, cfg.misc, device=torch.device("cpu"))
         m_ref = policy_update(
-            reference, step_tensors(prompts, completions, adv, 0), cfg, RouterTools(reference, cfg.moe),
+            reference, step_tensors(prompts, completions, adv, 0), cfg, router_setup(reference, cfg.moe),
             update_index=0,
-        )  # fmt: skip
+        ).metrics  # fmt: skip
         cfg.distributed.enabled = True
         ctx = init_distributed(cfg, torch.device("cpu"))
         model = load_policy(cfg.model, cfg.misc, device=torch.device("cpu"))
-        router = RouterTools(model, cfg.moe)
+        router = router_setup(model, cfg.moe)
         train_model = prepare_model(model, cfg, ctx)
         per = len(prompts) // world
         mine = slice(rank * per, (rank + 1) * per)  # whole groups: GROUP divides per
@@ -132,11 +133,11 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
         alone = len(plan_micro_batches(local, cfg))
         local = dataclasses.replace(local, micro_batches=plan_micro_batches(local, cfg, ctx))
         shared_calls: list[int] = []
-        rl_update.shared_prefix_logits = partial(_counted, shared_calls, REAL_SHARED)
+        rl_passes.shared_prefix_logits = partial(_counted, shared_calls, REAL_SHARED)
         try:
-            m_dp = policy_update(train_model, local, cfg, router, update_index=0, dist=ctx)
+            m_dp = policy_update(train_model, local, cfg, router, update_index=0, dist=ctx).metrics
         finally:
-            rl_update.shared_prefix_logits = REAL_SHARED
+            rl_passes.shared_prefix_logits = REAL_SHARED
         grads = dict(reference.named_parameters())
         diff = max(
             float((p.grad - grads[name].grad).abs().max())

@@ -28,11 +28,12 @@ import torch.distributed as tdist
 
 from moepost.cli import main as cli_main
 from moepost.components.model.loading import load_policy
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.router_setup import router_setup
 from moepost.config.load import load_config
 from moepost.distributed import DistContext, attach_optimizer, prepare_model
 from moepost.recipes.common import Optimization
-from moepost.recipes.rl_update import plan_micro_batches, policy_update
+from moepost.recipes.rl_passes import plan_micro_batches
+from moepost.recipes.rl_update import policy_update
 
 sys.path.insert(0, str(Path(__file__).parent))
 from dist_driver import rows, step_tensors  # noqa: E402
@@ -131,9 +132,9 @@ def update_case(rl_cfg: str, rank: int, world: int, stage: int, algorithm: str, 
     torch.manual_seed(0)
     reference = load_policy(cfg.model, cfg.misc, device=cpu)
     m_ref = policy_update(
-        reference, step_tensors(prompts, completions, adv, 0), cfg, RouterTools(reference, cfg.moe),
+        reference, step_tensors(prompts, completions, adv, 0), cfg, router_setup(reference, cfg.moe),
         update_index=0,
-    )  # fmt: skip
+    ).metrics  # fmt: skip
     g_ref = {n: p.grad.detach().clone() for n, p in reference.named_parameters() if p.requires_grad}
     w_before = {n: p.detach().clone() for n, p in reference.named_parameters()}
     m_ref.update(Optimization(reference, cfg, 1).step())
@@ -145,7 +146,7 @@ def update_case(rl_cfg: str, rank: int, world: int, stage: int, algorithm: str, 
     ctx = DistContext(rank, world, rank, cpu, "deepspeed", active=True)
     torch.manual_seed(0)
     model = load_policy(cfg.model, cfg.misc, device=cpu)
-    router = RouterTools(model, cfg.moe)
+    router = router_setup(model, cfg.moe)
     prepare_model(model, cfg, ctx)
     opt = Optimization(model, cfg, 1)
     engine = attach_optimizer(opt, cfg, ctx)
@@ -153,7 +154,7 @@ def update_case(rl_cfg: str, rank: int, world: int, stage: int, algorithm: str, 
     mine = slice(rank * per, (rank + 1) * per)
     local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
     local = dataclasses.replace(local, micro_batches=plan_micro_batches(local, cfg, ctx))
-    m_dp = policy_update(engine, local, cfg, router, update_index=0, dist=ctx)
+    m_dp = policy_update(engine, local, cfg, router, update_index=0, dist=ctx).metrics
     grads = full_grads(model)
     m_dp.update(ctx.optimizer_step(opt))
     with ctx.full_weights(model):

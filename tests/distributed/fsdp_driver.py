@@ -22,11 +22,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 from moepost.cli import main as cli_main
 from moepost.components.model.loading import load_policy
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.router_setup import router_setup
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
 from moepost.recipes.common import Optimization
-from moepost.recipes.rl_update import logprob_pass, plan_micro_batches, policy_update
+from moepost.recipes.rl_passes import logprob_pass, plan_micro_batches
+from moepost.recipes.rl_update import policy_update
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[1] / "recipes"))
@@ -52,13 +53,13 @@ def _one_case(rl_cfg: str, name: str, extra: list[str], rank: int, world: int) -
     if lora:  # the reference is the policy with its adapters off
         t = dataclasses.replace(t, ref_logprobs=logprob_pass(one, t, cfg, disable_adapter=True))
     before = {k: v.detach().clone() for k, v in one.state_dict().items()}
-    m_one = policy_update(one, t, cfg, RouterTools(one, cfg.moe), update_index=0)
+    m_one = policy_update(one, t, cfg, router_setup(one, cfg.moe), update_index=0).metrics
     m_one.update(opt_one.step())
     cfg.distributed.enabled, cfg.distributed.backend = True, "fsdp"
     ctx = init_distributed(cfg, CPU)
     torch.manual_seed(0)
     model = load_policy(cfg.model, cfg.misc, device=CPU)
-    router = RouterTools(model, cfg.moe)
+    router = router_setup(model, cfg.moe)
     prepare_model(model, cfg, ctx)
     opt = Optimization(model, cfg, 10)
     per = len(prompts) // world
@@ -71,7 +72,7 @@ def _one_case(rl_cfg: str, name: str, extra: list[str], rank: int, world: int) -
         ref = logprob_pass(model, local, cfg, disable_adapter=True)
         local = dataclasses.replace(local, ref_logprobs=ref)
         ref_diff = float((local.ref_logprobs - t.ref_logprobs[mine]).abs().max())
-    m = policy_update(model, local, cfg, router, update_index=0, dist=ctx)
+    m = policy_update(model, local, cfg, router, update_index=0, dist=ctx).metrics
     m.update(ctx.optimizer_step(opt))
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
     one_sd = one.state_dict()

@@ -15,7 +15,7 @@ from test_sft_recipe import sft_config
 
 from moepost.components.model.loading import load_policy
 from moepost.components.moe.capture import find_moe_layers
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.router_setup import aux_loss, capture_router, router_setup
 from moepost.components.rollout import engine as rollout
 from moepost.config.schema import MiscConfig, ModelConfig, MoEConfig
 from moepost.recipes.rl import run_rl
@@ -28,16 +28,16 @@ def test_aux_loss_reaches_router_from_raw_logits(tiny_model: Path) -> None:
         MiscConfig(device="cpu"),
         device=torch.device("cpu"),
     )
-    tools = RouterTools(model, MoEConfig())
+    tools = router_setup(model, MoEConfig())
     assert tools.aux_coef == pytest.approx(0.001)  # the checkpoint's own coefficient
     ids = torch.tensor([[5, 17, 30, 42, 8, 9, 60, 3]])
-    with tools.capture() as cap:
+    with capture_router(tools) as cap:
         model(input_ids=ids)
     logits = cap.logits()
     assert logits.shape == (2, 8, 4)
     # Raw logits: rows are not probability vectors.
     assert not torch.allclose(logits.sum(-1), torch.ones(2, 8), atol=1e-3)
-    aux, metrics = tools.losses(cap, torch.ones(8, dtype=torch.bool), share=1.0)
+    aux, metrics = aux_loss(tools, cap, torch.ones(8, dtype=torch.bool), share=1.0)
     assert metrics["aux_loss"] >= 2.0 - 1e-6  # K=2 is the perfectly balanced minimum
     aux.backward()
     for info in find_moe_layers(model):
@@ -151,17 +151,17 @@ def test_token_budget_packing_and_shared_prefix_change_nothing(
     replay (R3 from the rollout; R2 from the old-policy pass, over two updates) equal one padded
     micro-batch of all rows (aux scope global, so the aux loss does not depend on the split
     either)."""
-    from moepost.recipes import rl_update
+    from moepost.recipes import rl_passes
 
     _perturbed_rollout_routers(monkeypatch, scale=0.5)
     shared_calls: list[int] = []
-    real_shared = rl_update.shared_prefix_logits
+    real_shared = rl_passes.shared_prefix_logits
 
     def spy(model: torch.nn.Module, inputs: dict, share: object) -> torch.Tensor:
         shared_calls.append(int(inputs["input_ids"].shape[0]))
         return real_shared(model, inputs, share)
 
-    monkeypatch.setattr(rl_update, "shared_prefix_logits", spy)
+    monkeypatch.setattr(rl_passes, "shared_prefix_logits", spy)
     rows_in = format_rows("gsm8k", n=12)
     for i, row in enumerate(rows_in):  # prompts of clearly different lengths
         row["question"] = "Please answer. " * (i % 3) + row["question"]

@@ -16,7 +16,7 @@ from recipe_support import format_rows, make_config, write_jsonl
 from test_rl_recipe import rl_config
 from test_sft_recipe import sft_config
 
-from moepost.recipes import rl_update
+from moepost.recipes import rl_passes
 from moepost.recipes.rl import run_rl
 from moepost.recipes.sft import run_sft
 
@@ -67,13 +67,13 @@ def test_sft_and_gspo_with_lora_use_current_apis(
 ) -> None:
     data = write_jsonl(tmp_path / "gsm8k.jsonl", format_rows("gsm8k", n=12))
     shared_calls: list[int] = []  # the shared-prefix forwards must run, not just be allowed
-    original = rl_update.shared_prefix_logits
+    original = rl_passes.shared_prefix_logits
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         shared_calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(rl_update, "shared_prefix_logits", counted)
+    monkeypatch.setattr(rl_passes, "shared_prefix_logits", counted)
     lora = {"lora": {"enabled": True, "r": 4, "alpha": 8, "target_experts": True}}
     with deprecations() as found:
         # SFT with LoRA on attention and experts, gradient checkpointing on

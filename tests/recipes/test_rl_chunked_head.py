@@ -12,10 +12,11 @@ import torch
 from recipe_support import rollout_tensors
 from transformers import AutoModelForCausalLM
 
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.router_setup import router_setup
 from moepost.config.schema import Config
 from moepost.config.validate import resolve_rl_presets
-from moepost.recipes.rl_update import logprob_pass, policy_update
+from moepost.recipes.rl_passes import logprob_pass
+from moepost.recipes.rl_update import policy_update
 from moepost.recipes.step_tensors import StepTensors
 
 PROMPTS = [[5, 6, 7]] * 3 + [[8, 9, 10, 11, 12, 13]] * 2 + [[14, 15]]
@@ -58,7 +59,7 @@ def _run(tiny_model: Path, layout: str, chunk_rows: int, algorithm: str):
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     cfg, t = _cfg(chunk_rows, algorithm), _tensors(layout)
     lp = logprob_pass(model, t, cfg)
-    logged = policy_update(model, t, cfg, RouterTools(model, cfg.moe), update_index=0)
+    logged = policy_update(model, t, cfg, router_setup(model, cfg.moe), update_index=0).metrics
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return lp, logged, grads
 
@@ -101,7 +102,7 @@ def test_overflowing_row_is_dropped_with_finite_gradients(tiny_model: Path, layo
         cfg.train.micro_batch_size = 6
         # the clamp and the floor would turn the inf logit and the -inf log-probs finite
         cfg.stability.logits_clip = cfg.stability.logprob_min = None
-        logged = policy_update(model, t, cfg, RouterTools(model, cfg.moe), update_index=0)
+        logged = policy_update(model, t, cfg, router_setup(model, cfg.moe), update_index=0).metrics
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         runs.append((logged, grads))
     (full, g_full), (chunked, grads) = runs

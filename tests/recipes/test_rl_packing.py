@@ -12,7 +12,7 @@ from recipe_support import rollout_tensors
 from transformers import AutoModelForCausalLM
 
 from moepost.config.schema import Config
-from moepost.recipes.rl_update import (
+from moepost.recipes.rl_passes import (
     completion_logits,
     logprob_pass,
 )

@@ -96,11 +96,12 @@ def sft_train_data(cfg: Config, tokenizer: Any) -> tuple[Any, list[Any], dict[st
     if cfg.data.streaming:
         stream, evals, stats = stream_sft_data(cfg.data, cfg.misc, tokenizer, seed=cfg.train.seed)
         return StreamData(stream), evals, stats, _stream_line(cfg, len(evals))
-    train, evals, stats = load_sft_data(cfg.data, cfg.misc, tokenizer, seed=cfg.train.seed)
+    examples, evals, stats = load_sft_data(cfg.data, cfg.misc, tokenizer, seed=cfg.train.seed)
+    train: list[Any] = examples
     if cfg.data.packing:
         from moepost.components.data.packing import pack_sft
 
-        train = pack_sft(train, cfg.data.max_seq_length)
+        train = pack_sft(examples, cfg.data.max_seq_length)
     line = (
         f"data: {stats['num_train']} train / {stats['num_eval']} eval examples, "
         f"{stats['num_truncated']} truncated to data.max_seq_length={cfg.data.max_seq_length}, "

@@ -1,172 +1,39 @@
-"""The training side of one RL step: log-prob passes and the micro-batched policy update.
+"""The micro-batched policy update of one RL step (forward + backward, no optimizer step).
 
-Kept apart from `rl.py` so the loop there reads as its phases. Row layout (from
-`components.rollout.layout.build_training_tensors`): [left pad | prompt | completion |
-right pad], the completion block starting at a common column P, so only the last T+1 positions
-need logits.
+`policy_update` reads as its steps: the route-count pre-pass (aux_loss_scope=global), then per
+micro-batch `micro_batch_loss` (forward, non-finite row drop, policy loss, router aux loss),
+backward and `add_micro_batch_metrics` (a fold over `MetricMeans`). Router state is explicit:
+the run's `RouterSetup`, the batch's `BatchRoutes` in, the update's own routes out (`Update`),
+and the run's `ExpertMonitor`, which accumulates until the step is logged.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
-from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows, token_logprobs
+from moepost.algorithms.logprobs import entropy_from_logits, nonfinite_rows
 from moepost.algorithms.policy_loss import policy_loss
-from moepost.components.data.packing import without_trailing_padding_mask
-from moepost.components.model.lm_head import head_chunk_rows, head_passthrough, head_weight_sharded
-from moepost.components.moe.router_tools import RouterTools
-from moepost.components.rollout.shared_prefix import (
-    PrefixShare,
-    can_share_prefix,
-    run_starts,
-    shared_prefix_logits,
+from moepost.components.model.lm_head import head_chunk_rows, head_weight_sharded
+from moepost.components.moe.capture import RouterCapture
+from moepost.components.moe.expert_monitor import ExpertMonitor
+from moepost.components.moe.router_loss import GlobalRouteCounts
+from moepost.components.moe.router_setup import (
+    RouterSetup,
+    add_route_counts,
+    aux_loss,
+    capture_router,
+    record_load,
+    reduce_route_counts,
+    route_counts,
 )
-from moepost.config.schema import Config
+from moepost.components.rollout.batch_routes import BatchRoutes, SliceKey, observe_drift, slice_key
+from moepost.config.schema import Aggregation, Config, RatioLevel
 from moepost.distributed import DistContext
-from moepost.micro_batches import split_to_count
-from moepost.recipes.common import micro_batch_groups
-from moepost.recipes.rl_head import chunked_completion_logprobs, shared_prefix_logprobs
+from moepost.recipes.rl_passes import _chunked_logprobs, _logprobs, completion_logits, micro_slices
 from moepost.recipes.step_tensors import StepTensors
-
-
-def completion_logits(
-    model: torch.nn.Module, t: StepTensors, idx: slice, share: PrefixShare | None = None
-) -> torch.Tensor:
-    """[n, T, V] logits predicting the T completion tokens of rows `idx` (only those positions
-    computed; packed, the positions past a row's end hold zeros, which every use masks out;
-    `share`: each shared prompt prefix runs once)."""
-    T = t.completion_ids.shape[1]
-    if share is not None:
-        return shared_prefix_logits(model, t.rows(idx), share)
-    if not t.packed:
-        inputs = without_trailing_padding_mask(t.rows(idx))
-        return model(**inputs, use_cache=False, logits_to_keep=T + 1).logits[:, :-1]
-    real = t.attention_mask[idx].bool()
-    S = real.shape[1]
-    completion = t.completion_mask[idx].bool()
-    # Position S - T - 1 + j predicts completion token j; keep those of real completion tokens.
-    want = torch.zeros_like(real)
-    want[:, S - T - 1 : S - 1] = completion
-    flat = torch.cumsum(real.flatten(), 0).view_as(real) - 1  # packed index of each real token
-    logits = model(**t.rows(idx), use_cache=False, logits_to_keep=flat[want]).logits[0]
-    out = logits.new_zeros(real.shape[0], T, logits.shape[-1])
-    return out.index_put(completion.nonzero(as_tuple=True), logits)
-
-
-def _chunked_logprobs(
-    model: torch.nn.Module,
-    t: StepTensors,
-    idx: slice,
-    cfg: Config,
-    share: PrefixShare | None,
-    chunk_rows: int,
-    with_entropy: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[n, T] log-probs (and entropies) of rows `idx` through the chunked LM head."""
-    if share is None:
-        return chunked_completion_logprobs(
-            model, t, idx, cfg, chunk_rows=chunk_rows, with_entropy=with_entropy
-        )
-    with head_passthrough(model) as head:  # the shared forwards' `.logits` are hidden states
-        hidden = shared_prefix_logits(model, t.rows(idx), share)  # [n, T, H]
-    return shared_prefix_logprobs(
-        hidden, head, t, idx, cfg, chunk_rows=chunk_rows, with_entropy=with_entropy
-    )
-
-
-def shared_prefix_off(
-    cfg: Config, dist: DistContext, *models: torch.nn.Module | None
-) -> str | None:
-    """None when the step's forwards may share prompt prefixes (`rl.shared_prefix`), else why
-    not (said in the run log)."""
-    if not cfg.rl.shared_prefix:
-        return "rl.shared_prefix is false"
-    if cfg.data.packing:
-        return "data.packing runs padding-free rows instead"
-    if dist.world_size > 1 and cfg.distributed.backend not in ("ddp", "fsdp"):
-        return f"not yet with distributed.backend {cfg.distributed.backend}"
-    for model in models:
-        if model is not None and (why := can_share_prefix(model)) is not None:
-            return why
-    return None
-
-
-def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = None) -> list[slice]:
-    """Consecutive row slices: `train.micro_batch_size` rows each, or as many rows as fit
-    `train.micro_batch_tokens` tokens, a row costing its width after the shared left-pad cut
-    (`columns`; packed: its real tokens, summed). Rows keep their order: routing replay indexes
-    them. With `dist`, every rank runs as many micro-batches as the rank that needs most.
-    With shared prefixes (`t.shared_prefix`) a micro-batch costs the tokens it feeds the model:
-    each run of rows with the same prompt pays for the prompt once (`_shared_budget_slices`)."""
-    if t.packed:  # a packed micro-batch costs its real tokens
-        lengths = t.attention_mask.sum(dim=1).tolist()
-    else:
-        first = t.attention_mask.int().argmax(dim=1)  # each row's first real column
-        lengths = (t.attention_mask.shape[1] - first).tolist()
-    if t.shared_prefix and not t.packed and cfg.train.micro_batch_tokens > 0:
-        groups = [list(range(s.start, s.stop)) for s in _shared_budget_slices(t, cfg)]
-        if dist is not None:  # as many forwards as the rank that needs most
-            groups = split_to_count(groups, lengths, dist.max_int(len(groups)))
-    else:
-        groups = micro_batch_groups(lengths, cfg, longest_first=False, dist=dist, packed=t.packed)
-    return [slice(g[0], g[-1] + 1) for g in groups]
-
-
-def _shared_budget_slices(t: StepTensors, cfg: Config) -> list[slice]:
-    """Consecutive row slices whose shared-prefix forward feeds at most
-    `train.micro_batch_tokens`: runs x prompt columns + rows x completion columns, after the
-    micro-batch's left-pad cut. A row over the budget on its own gets a micro-batch of its own."""
-    budget = cfg.train.micro_batch_tokens
-    n, S = t.input_ids.shape
-    T = int(t.completion_ids.shape[1])
-    new_run = run_starts(t.input_ids, t.attention_mask, T).int().tolist()
-    widths = (S - t.attention_mask.int().argmax(dim=1)).tolist()  # row width after its pad cut
-    slices, start = [], 0
-    while start < n:
-        end, runs, width = start + 1, 1, widths[start]
-        while end < n:
-            more_runs, wider = runs + new_run[end], max(width, widths[end])
-            if more_runs * (wider - T) + (end + 1 - start) * T > budget:
-                break
-            end, runs, width = end + 1, more_runs, wider
-        slices.append(slice(start, end))
-        start = end
-    return slices
-
-
-def micro_slices(t: StepTensors, cfg: Config) -> list[slice]:
-    return t.micro_batches or plan_micro_batches(t, cfg)
-
-
-@torch.no_grad()
-def logprob_pass(
-    model: torch.nn.Module,
-    t: StepTensors,
-    cfg: Config,
-    *,
-    router: RouterTools | None = None,
-    disable_adapter: bool = False,
-) -> torch.Tensor:
-    """[N, T] log-probs of the sampled tokens without gradient (old-policy or reference pass)."""
-    out = torch.zeros_like(t.completion_mask)
-    ctx = model.disable_adapter() if disable_adapter else nullcontext()
-    chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
-    shared_chunked = not head_weight_sharded(model)
-    with ctx:
-        for sl in micro_slices(t, cfg):
-            cols, share = t.tokens(sl), t.share(sl)
-            record = router.record_routes(sl, cols, share) if router is not None else nullcontext()
-            with record:
-                if chunk_rows and (share is None or shared_chunked):
-                    out[sl] = _chunked_logprobs(model, t, sl, cfg, share, chunk_rows)[0]
-                    continue
-                logits = completion_logits(model, t, sl, share)
-            out[sl] = _logprobs(logits, t.completion_ids[sl], cfg)
-    return out
 
 
 def router_token_mask(t: StepTensors, sl: slice, cfg: Config) -> torch.Tensor:
@@ -177,16 +44,6 @@ def router_token_mask(t: StepTensors, sl: slice, cfg: Config) -> torch.Tensor:
         mask = mask.clone()
         mask[:, : mask.shape[1] - t.completion_ids.shape[1]] = False
     return t.select(mask, sl)
-
-
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
-    return token_logprobs(
-        logits,
-        tokens,
-        temperature=cfg.generation.temperature,
-        logits_clip=cfg.stability.logits_clip,
-        logprob_min=cfg.stability.logprob_min,
-    )
 
 
 def normalisers(t: StepTensors, dist: DistContext | None = None) -> dict[str, float]:
@@ -246,6 +103,34 @@ class MicroBatchLoss:
     entropy: torch.Tensor | None  # [n, T] from the chunked head, else None
     mask: torch.Tensor  # [n, T] completion mask, non-finite rows dropped
     nonfinite: int  # completion tokens dropped
+    own_routes: torch.Tensor | None  # [L, N, K] the routes this pass chose (detached)
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The policy-loss settings of `cfg.rl` after the algorithm preset filled them in."""
+
+    ratio_level: RatioLevel
+    clip_eps_low: float
+    clip_eps_high: float
+    aggregation: Aggregation
+    kl_coef: float
+
+
+def loss_settings(cfg: Config) -> LossSettings:
+    """`cfg.rl`'s loss settings; config loading (`resolve_rl_presets`) must have run."""
+    rl = cfg.rl
+    if (
+        rl.ratio_level is None
+        or rl.clip_eps_low is None
+        or rl.clip_eps_high is None
+        or rl.loss_aggregation is None
+        or rl.kl_coef is None
+    ):
+        raise ValueError("cfg.rl has unset preset fields: call config.validate.resolve_rl_presets")
+    return LossSettings(
+        rl.ratio_level, rl.clip_eps_low, rl.clip_eps_high, rl.loss_aggregation, rl.kl_coef
+    )
 
 
 @dataclass(frozen=True)
@@ -253,38 +138,42 @@ class UpdateSetup:
     """What every micro-batch of one policy update shares (built once per update)."""
 
     update_index: int
+    loss: LossSettings
     norms: dict[str, float]  # whole-step normalisers (`normalisers`)
     step_tokens: float  # tokens the aux loss counts, over all ranks
     chunk_rows: int
     shared_chunked: bool  # shared-prefix forwards may use the chunked head
+    router: RouterSetup
+    routes: BatchRoutes  # this batch's rollout / recorded / previous-update routes
+    counts: GlobalRouteCounts | None  # aux_loss_scope=global: the step's route counts
 
 
+@torch.no_grad()
 def count_step_routes(
-    model: torch.nn.Module, t: StepTensors, cfg: Config, router: RouterTools, **kw: Any
-) -> None:
-    """aux_loss_scope=global: a no-grad pre-pass adds every micro-batch's expert counts, summed
-    over ranks, before the step's first backward (`kw`: update_index, dist)."""
-    with torch.no_grad():
-        for sl in micro_slices(t, cfg):
-            replay = router.replay_for(sl, kw["update_index"], t.tokens(sl))
-            with router.capture(replay=replay) as cap:
-                model(**t.rows(sl), use_cache=False, logits_to_keep=1)
-            router.add_step_counts(cap, router_token_mask(t, sl, cfg))
-    router.reduce_step_counts(kw["dist"].all_reduce_sum)
+    model: torch.nn.Module,
+    t: StepTensors,
+    cfg: Config,
+    setup: RouterSetup,
+    routes: BatchRoutes,
+    dist: DistContext,
+) -> GlobalRouteCounts | None:
+    """aux_loss_scope=global: a no-grad pre-pass over every micro-batch gives the step's expert
+    counts, summed over ranks, before the step's first backward."""
+    counts = None
+    for sl in micro_slices(t, cfg):
+        with capture_router(setup, routes.replay_for(sl, t.tokens(sl))) as cap:
+            model(**t.rows(sl), use_cache=False, logits_to_keep=1)
+        counts = add_route_counts(counts, route_counts(setup, cap, router_token_mask(t, sl, cfg)))
+    return reduce_route_counts(counts, dist.all_reduce_sum)
 
 
 def _train_forward(
-    model: torch.nn.Module,
-    t: StepTensors,
-    sl: slice,
-    cfg: Config,
-    router: RouterTools,
-    u: UpdateSetup,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, Any]:
+    model: torch.nn.Module, t: StepTensors, sl: slice, cfg: Config, u: UpdateSetup
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, RouterCapture | None]:
     """(log-probs [n, T], entropy or None, logits [n, T, V] or None, router capture)."""
     cols, share = t.tokens(sl), t.share(sl)
     logits = entropy = None
-    with router.capture(replay=router.replay_for(sl, u.update_index, cols, share)) as cap:
+    with capture_router(u.router, u.routes.replay_for(sl, cols, share)) as cap:
         if u.chunk_rows and (share is None or u.shared_chunked):  # no [n, T, V] logits
             logprobs, entropy = _chunked_logprobs(model, t, sl, cfg, share, u.chunk_rows, True)
         else:
@@ -317,7 +206,8 @@ def _drop_nonfinite(
     mask = mask * (~bad)[:, None]
     if logits is None:
         logprobs = torch.where(bad[:, None], torch.zeros_like(logprobs), logprobs)
-        entropy = torch.where(bad[:, None], torch.zeros_like(entropy), entropy)
+        if entropy is not None:
+            entropy = torch.where(bad[:, None], torch.zeros_like(entropy), entropy)
     else:
         zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
         logits = torch.where(bad[:, None, None], zero, logits)
@@ -330,11 +220,12 @@ def micro_batch_loss(
     t: StepTensors,
     sl: slice,
     cfg: Config,
-    router: RouterTools,
     u: UpdateSetup,
+    monitor: ExpertMonitor,
 ) -> MicroBatchLoss:
-    """Forward of rows `sl`, their policy loss and router aux loss (no backward)."""
-    logprobs, entropy, logits, cap = _train_forward(model, t, sl, cfg, router, u)
+    """Forward of rows `sl`, their policy loss and router aux loss (no backward); adds the
+    pass's expert load and drift to `monitor`."""
+    logprobs, entropy, logits, cap = _train_forward(model, t, sl, cfg, u)
     logprobs, entropy, logits, mask, nonfinite = _drop_nonfinite(
         logprobs, entropy, logits, t.completion_mask[sl], t.completion_ids[sl], cfg
     )
@@ -346,23 +237,24 @@ def micro_batch_loss(
         old,
         t.advantages[sl],
         mask,
-        ratio_level=cfg.rl.ratio_level,
-        clip_eps_low=cfg.rl.clip_eps_low,
-        clip_eps_high=cfg.rl.clip_eps_high,
-        aggregation=cfg.rl.loss_aggregation,
+        ratio_level=u.loss.ratio_level,
+        clip_eps_low=u.loss.clip_eps_low,
+        clip_eps_high=u.loss.clip_eps_high,
+        aggregation=u.loss.aggregation,
         ref_logprobs=t.ref_logprobs[sl] if t.ref_logprobs is not None else None,
-        kl_coef=cfg.rl.kl_coef,
+        kl_coef=u.loss.kl_coef,
         kl_estimator=cfg.rl.kl_estimator,
         max_new_tokens=cfg.generation.max_new_tokens,
         **u.norms,
     )
     aux_mask = router_token_mask(t, sl, cfg)
     share = float(aux_mask.sum()) / max(u.step_tokens, 1.0)
-    aux, aux_m = router.losses(cap, aux_mask, share=share)
+    record_load(monitor, u.router, cap, aux_mask)
+    aux, aux_m = aux_loss(u.router, cap, aux_mask, share=share, counts=u.counts)
     real = t.select(t.attention_mask.bool(), sl)
-    router.observe_training_routes(cap, sl, real, u.update_index, t.tokens(sl))
+    own = observe_drift(monitor, u.routes, cap, sl, real, u.update_index, t.tokens(sl))
     return MicroBatchLoss(
-        loss, aux, m, aux_m, float(aux_mask.sum()), logprobs, logits, entropy, mask, nonfinite
+        loss, aux, m, aux_m, float(aux_mask.sum()), logprobs, logits, entropy, mask, nonfinite, own
     )
 
 
@@ -382,7 +274,8 @@ def add_micro_batch_metrics(
     if mb.logits is not None:
         temperature = cfg.generation.temperature
         ent = entropy_from_logits(mb.logits.detach(), temperature=temperature)
-    means = means.add({"entropy": float((ent * mb.mask).sum() / max(n_tok, 1.0))}, n_tok)
+    if ent is not None:  # the full logits or the chunked head give it
+        means = means.add({"entropy": float((ent * mb.mask).sum() / max(n_tok, 1.0))}, n_tok)
     if u.update_index == 0:  # later updates see a moved policy: no longer comparable
         gap = (mb.logprobs.detach() - t.rollout_logprobs[sl]).abs() * mb.mask
         means = means.add({"logprob_gap/mean": float(gap.sum() / max(n_tok, 1.0))}, n_tok)
@@ -393,49 +286,75 @@ def add_micro_batch_metrics(
 
 
 def update_setup(
-    model: torch.nn.Module, t: StepTensors, cfg: Config, update_index: int, dist: DistContext
+    model: torch.nn.Module,
+    t: StepTensors,
+    cfg: Config,
+    update_index: int,
+    dist: DistContext,
+    router: RouterSetup,
+    routes: BatchRoutes,
 ) -> UpdateSetup:
+    """What the micro-batches of one update share; runs the route-count pre-pass if needed."""
+    counts = None
+    if router.global_scope:  # before anything else of the step: the ranks' collectives agree
+        counts = count_step_routes(model, t, cfg, router, routes, dist)
     step_tokens = dist.sum_floats([float(router_token_mask(t, slice(None), cfg).sum())])[0]
     return UpdateSetup(
         update_index=update_index,
+        loss=loss_settings(cfg),
         norms=normalisers(t, dist),
         step_tokens=step_tokens,
         chunk_rows=head_chunk_rows(model, cfg.train.lm_head_chunk_rows),
         # Shared-prefix forwards score hidden states after the forward: not with a sharded head.
         shared_chunked=not head_weight_sharded(model),
+        router=router,
+        routes=routes,
+        counts=counts,
     )
+
+
+class Update(NamedTuple):
+    """What one policy update gives back: its logged metrics, and the routes each micro-batch's
+    training pass took (keyed by its rows; the next update's drift reference)."""
+
+    metrics: dict[str, float]
+    own_routes: dict[SliceKey, torch.Tensor]
 
 
 def policy_update(
     model: torch.nn.Module,
     t: StepTensors,
     cfg: Config,
-    router: RouterTools,
+    router: RouterSetup,
     *,
     update_index: int,
     dist: DistContext | None = None,
-) -> dict[str, float]:
+    routes: BatchRoutes | None = None,
+    monitor: ExpertMonitor | None = None,
+) -> Update:
     """Forward + backward of every micro-batch of the step (no optimizer step).
 
-    `t` holds this rank's rows; normalisers, aux token counts and metrics are global.
+    `t` holds this rank's rows; normalisers, aux token counts and metrics are global. `routes`:
+    the batch's routes (none: no replay, no drift); `monitor` gathers load and drift (none: a
+    throw-away one).
     """
     dist = dist or DistContext()
+    monitor = monitor or ExpertMonitor(router.num_experts, cfg.moe)
     model.train()
-    if router.global_scope:
-        count_step_routes(model, t, cfg, router, update_index=update_index, dist=dist)
-    u = update_setup(model, t, cfg, update_index, dist)
+    u = update_setup(model, t, cfg, update_index, dist, router, routes or BatchRoutes())
     slices = micro_slices(t, cfg)
-    means, nonfinite = MetricMeans(), 0
+    means, nonfinite, own = MetricMeans(), 0, {}
     for i, sl in enumerate(slices):
         dist.set_grad_sync(last=i == len(slices) - 1)
-        mb = micro_batch_loss(model, t, sl, cfg, router, u)
+        mb = micro_batch_loss(model, t, sl, cfg, u, monitor)
         dist.backward(mb.loss + mb.aux if mb.aux is not None else mb.loss)
         means = add_micro_batch_metrics(means, mb, t, sl, cfg, u)
         nonfinite += mb.nonfinite
-    router.end_step()
+        if mb.own_routes is not None:
+            own[slice_key(sl)] = mb.own_routes
     out = means.means(dist)
     if update_index == 0:
         out["logprob_gap/max"] = out.get("logprob_gap/max", 0.0)
     out["stability/nonfinite_tokens"] = float(int(dist.sum_floats([nonfinite])[0]))
     out["train/micro_batches"] = float(len(slices))
-    return out
+    return Update(out, own)

@@ -36,7 +36,20 @@ from moepost.components.model.lm_head import (
 )
 from moepost.components.model.loading import load_policy, load_tokenizer
 from moepost.components.model.lora import describe_parameters, parameter_report
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.expert_monitor import ExpertMonitor
+from moepost.components.moe.router_loss import GlobalRouteCounts
+from moepost.components.moe.router_setup import (
+    RouterSetup,
+    add_route_counts,
+    aux_loss,
+    capture_router,
+    describe_router,
+    new_monitor,
+    record_load,
+    reduce_route_counts,
+    route_counts,
+    router_setup,
+)
 from moepost.components.training.stability import drop_nonfinite_rows
 from moepost.config.schema import Config
 from moepost.distributed import (
@@ -75,8 +88,8 @@ def run_sft(
     train_set, eval_set, _, data_line = sft_train_data(cfg, tokenizer)
     run.say(data_line)
     model = load_policy(cfg.model, cfg.misc, device=device, for_training=not eval_only)
-    router = RouterTools(model, cfg.moe)
-    run.say(f"model: {describe_parameters(parameter_report(model))}; {router.describe()}")
+    router = router_setup(model, cfg.moe)
+    run.say(f"model: {describe_parameters(parameter_report(model))}; {describe_router(router)}")
     if eval_only:
         reset_logs(run, after_step=None, names=EVAL_LOGS)
         metrics = {"step": 0, **evaluate(model, eval_set, cfg, device, tokenizer.pad_token_id)}
@@ -94,9 +107,12 @@ def run_sft(
     from moepost.components.training.logging import Console
 
     console = Console(total, "sft", enabled=run.is_main)
+    monitor = new_monitor(router, cfg.moe)  # expert load between logged steps
     last: dict[str, Any] = {}
     while state.step < total:
-        last = _sft_step(run, train_model, model, tokenizer, router, opt, state, train_set, total)
+        last = _sft_step(
+            run, train_model, tokenizer, (router, monitor), opt, state, train_set, total
+        )
         console.update(state.step, last)
         if eval_set and cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
             last.update(_eval_and_best(run, model, tokenizer, state, eval_set))
@@ -116,9 +132,8 @@ def run_sft(
 def _sft_step(
     run: Run,
     train_model: torch.nn.Module,
-    model: torch.nn.Module,
     tokenizer: Any,
-    router: RouterTools,
+    routers: tuple[RouterSetup, ExpertMonitor],
     opt: Optimization,
     state: TrainState,
     train_set: Any,
@@ -128,14 +143,17 @@ def _sft_step(
     cfg, dist, device = run.cfg, run.dist, run.device
     t0 = time.perf_counter()
     batch = dist.shard(train_set.take(state, cfg.train.batch_size))  # this rank's examples
-    metrics = train_step(train_model, batch, cfg, device, router, tokenizer.pad_token_id, dist=dist)
+    router, monitor = routers
+    metrics = train_step(
+        train_model, batch, cfg, device, router, tokenizer.pad_token_id, dist=dist, monitor=monitor
+    )
     metrics.update(dist.optimizer_step(opt))
     state.step += 1
     metrics["time/step_s"] = time.perf_counter() - t0
     metrics["throughput/tokens_per_s"] = metrics.pop("num_input_tokens") / metrics["time/step_s"]
     metrics["epoch"] = train_set.epoch(state)
     metrics.update(train_set.metrics())
-    moe_metrics, load_row = router.flush(state.step, reduce_sum=dist.all_reduce_sum)
+    moe_metrics, load_row = monitor.flush(state.step, reduce_sum=dist.all_reduce_sum)
     metrics.update(moe_metrics)
     metrics = dist.mean_metrics(metrics)
     last = {"step": state.step, **metrics}
@@ -184,7 +202,7 @@ def forward_loss(
     num_global_tokens: int,
     *,
     chunk_rows: int = 0,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy of one micro-batch, normalised by the step's target-token count.
 
     Rows whose logits give a NaN/Inf loss are dropped from the loss (their target tokens stay
@@ -211,7 +229,7 @@ def _chunked_forward_loss(
     shifted: torch.Tensor,
     num_global_tokens: int,
     chunk_rows: int,
-) -> tuple[torch.Tensor, dict[str, float]]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`forward_loss` with the chunked head: [N] log-probs of the N target tokens only."""
     request = HeadRequest(labels=shifted.masked_fill(shifted == -100, -1), chunk_size=chunk_rows)
     with head_request(model, request):
@@ -244,17 +262,20 @@ def train_step(
     examples: list[Any],
     cfg: Config,
     device: torch.device,
-    router: RouterTools,
+    router: RouterSetup,
     pad_token_id: int,
     *,
     dist: DistContext | None = None,
+    monitor: ExpertMonitor | None = None,
 ) -> dict[str, Any]:
     """Forward + backward over the micro-batches of one optimizer step (no optimizer step).
 
     `examples` are this rank's share of the step; token counts are summed over ranks first,
     so each rank's loss is its part of the global-batch loss (`dist` None: one process).
+    `monitor` gathers the expert load (None: a throw-away one).
     """
     dist = dist or DistContext(device=device)
+    monitor = monitor or ExpertMonitor(router.num_experts, cfg.moe)
     model.train()
     chunk_rows = head_chunk_rows(model, cfg.train.lm_head_chunk_rows)
     lengths = [len(ex.input_ids) for ex in examples]
@@ -263,24 +284,26 @@ def train_step(
     masks = [_token_mask(b, cfg.moe.aux_loss_tokens) for b in micro]
     local_counts = [sum(_num_targets(b) for b in micro), sum(int(m.sum()) for m in masks)]
     num_targets, num_inputs = (int(n) for n in dist.sum_floats(local_counts))
+    counts = None
     if router.global_scope:
-        count_routes(model, micro, masks, device, router)
-        router.reduce_step_counts(dist.all_reduce_sum)
+        counts = reduce_route_counts(
+            count_routes(model, micro, masks, device, router), dist.all_reduce_sum
+        )
     loss_sum = correct = aux_sum = nonfinite = 0.0
     for i, (batch, token_mask) in enumerate(zip(micro, masks)):
         batch = _to_device(batch, device)
         share = float(token_mask.sum()) / max(1, num_inputs)
         dist.set_grad_sync(last=i == len(micro) - 1)
-        with router.capture() as cap:
+        with capture_router(router) as cap:
             loss, m = forward_loss(model, batch, max(1, num_targets), chunk_rows=chunk_rows)
-        aux, aux_metrics = router.losses(cap, token_mask.to(device), share=share)
+        record_load(monitor, router, cap, token_mask)
+        aux, aux_metrics = aux_loss(router, cap, token_mask, share=share, counts=counts)
         dist.backward(loss + aux if aux is not None else loss)
         loss_sum += float(m["loss_sum"])
         correct += float(m["token_accuracy"]) * float(m["num_tokens"])
         aux_sum += aux_metrics.get("aux_loss", 0.0) * share
         nonfinite += float(m["nonfinite_tokens"])
     loss_sum, correct, aux_sum, nonfinite = dist.sum_floats([loss_sum, correct, aux_sum, nonfinite])
-    router.end_step()
     out: dict[str, Any] = {
         "loss": loss_sum / max(1, num_targets),
         "token_accuracy": correct / max(1, num_targets),
@@ -300,14 +323,16 @@ def count_routes(
     micro: list[dict[str, torch.Tensor]],
     masks: list[torch.Tensor],
     device: torch.device,
-    router: RouterTools,
-) -> None:
-    """aux_loss_scope=global: expert counts of the whole step before any backward."""
+    router: RouterSetup,
+) -> GlobalRouteCounts | None:
+    """aux_loss_scope=global: expert counts of this rank's whole step before any backward."""
+    counts = None
     for batch, token_mask in zip(micro, masks):
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
-        with router.capture() as cap:
+        with capture_router(router) as cap:
             model(**inputs, use_cache=False)
-        router.add_step_counts(cap, token_mask)
+        counts = add_route_counts(counts, route_counts(router, cap, token_mask))
+    return counts
 
 
 def _token_mask(batch: dict[str, torch.Tensor], tokens: str = "all") -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from moepost.components.moe.router_tools import Tokens
+from moepost.components.moe.router_setup import Tokens
 from moepost.components.rollout.shared_prefix import PrefixShare
 
 

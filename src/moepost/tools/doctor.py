@@ -1,7 +1,7 @@
 """`moepost doctor`: pre-flight MoE checks of a run config on a few of its own prompts.
 
 The model is loaded and set up exactly as the run would (LoRA, gradient checkpointing, router
-freezing through `RouterTools`), then:
+freezing through `router_setup`), then:
 
 1. MoE layers: how many, router kind, E and K (a dense model is a WARN: router tools are off).
 2. Router logits: what capture sees at the router must be raw logits, not probabilities.
@@ -40,7 +40,7 @@ from moepost.components.moe.capture import (
     router_parameters,
     unwrap_model,
 )
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.router_setup import router_setup
 from moepost.components.rollout.engine import build_training_tensors
 from moepost.config.schema import Config
 from moepost.tools.doctor_rollout import measure_rollout_gap
@@ -112,7 +112,7 @@ def prepare(config_path: str | None, overrides: list[str]) -> DoctorSetup:
     tokenizer = load_tokenizer(cfg.model, cfg.misc)
     prompts = doctor_prompts(cfg, tokenizer)
     model = load_policy(cfg.model, cfg.misc, device=device, for_training=True)
-    return DoctorSetup(cfg, model, tokenizer, RouterTools(model, cfg.moe), prompts, device)
+    return DoctorSetup(cfg, model, tokenizer, router_setup(model, cfg.moe), prompts, device)
 
 
 def diagnose(config_path: str | None, overrides: list[str]) -> list[Check]:
@@ -334,7 +334,11 @@ def _memory_check(s: DoctorSetup) -> Check:
     base = unwrap_model(s.model)
     gpus = int(os.environ.get("WORLD_SIZE", "1"))
     counts = counts_from_model(s.model)
-    est = estimate_memory(base.config, s.cfg, gpus, dtype=base.dtype, counts=counts)
+    dtype = base.dtype  # a PreTrainedModel's (its first floating-point parameter's)
+    est = estimate_memory(
+        base.config, s.cfg, gpus, dtype=dtype if isinstance(dtype, torch.dtype) else None,
+        counts=counts,
+    )  # fmt: skip
     total, (capacity, what) = est["total_bytes"], _device_memory(s.device)
     parts = (
         f"weights {gib(est['weights_bytes'])}, grads {gib(est['grads_bytes'])}, optimizer "

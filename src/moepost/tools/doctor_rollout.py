@@ -11,6 +11,7 @@ import torch
 from moepost.algorithms.logprobs import token_logprobs
 from moepost.algorithms.moe import routing_drift
 from moepost.components.moe.capture import RouterCapture, capture_routing, replay_routing
+from moepost.components.rollout.batch_routes import batch_routes, generation_routes
 from moepost.components.rollout.engine import (
     HFRolloutEngine,
     SamplingParams,
@@ -41,7 +42,7 @@ def measure_rollout_gap(s: DoctorSetup) -> dict[str, float]:
         stop=list(g.stop),
         seed=s.cfg.train.seed,
     )
-    phases: list[tuple[str, torch.Tensor | None]] = []  # as RouterTools.capture_generation
+    phases: list[tuple[str, torch.Tensor | None]] = []  # as `batch_routes.capture_generation`
     engine = HFRolloutEngine(
         s.model,
         s.tokenizer,
@@ -68,10 +69,11 @@ def measure_rollout_gap(s: DoctorSetup) -> dict[str, float]:
         return out
     # The RL recipe's own R3 path lays the generation routes out in the training layout, so
     # this also checks that path: in float32 the flip rate must be exactly 0.
-    routes = s.router.generation_routes([gen_cap, phases], prompts, batch, 0)
+    routes = generation_routes(s.router, [gen_cap, phases], prompts, batch, 0)
     num_rows, seq = lay["input_ids"].shape
-    s.router.set_rollout_routes(routes, batch.prompt_ids, seq, lay["prompt_length"])
-    full, s.router.rollout_routes = s.router.rollout_routes, None  # [L, N, S, K], -1: not fed
+    full = batch_routes(s.router, routes, batch.prompt_ids, seq, lay["prompt_length"]).rollout
+    if full is None:  # the engine reported no steps: nothing to compare
+        return out
     num_layers, top_k = full.shape[0], full.shape[-1]
     train = train_cap.indices().reshape(num_layers, num_rows, seq, top_k)
     p_len = lay["prompt_length"]

@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 import torch
 
-from moepost.components.moe.router_tools import RouterTools
+from moepost.components.moe.router_setup import RouterSetup
 from moepost.config.schema import Config
 
 Status = Literal["OK", "WARN", "FAIL"]
@@ -31,6 +31,6 @@ class DoctorSetup:
     cfg: Config
     model: torch.nn.Module
     tokenizer: Any
-    router: RouterTools
+    router: RouterSetup
     prompts: list[list[int]]
     device: torch.device

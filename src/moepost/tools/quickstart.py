@@ -38,7 +38,7 @@ MARKER = ".moepost_quickstart"
 # The train / eval steps run through it, the same code path as the shell command; taking it as
 # an argument keeps this module below the CLI that imports it.
 Command = Callable[[list[str]], int]
-MODEL = {"hidden_size": 128, "num_layers": 4, "num_experts": 8, "top_k": 2}
+MODEL: dict[str, Any] = {"hidden_size": 128, "num_layers": 4, "num_experts": 8, "top_k": 2}
 # Fast mode (the end-to-end test): a few steps per stage, every output still written.
 FAST_DATA = {"num_train": 64, "num_eval": 8}
 FAST_SFT = ["train.max_steps=4", "train.eval_every=2", "train.save_every=2", "logging.log_every=1"]
@@ -87,7 +87,12 @@ def load_entropy(model_dir: Path, eval_file: Path, limit: int = 64) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moepost.components.moe.router_tools import RouterTools
+    from moepost.components.moe.router_setup import (
+        capture_router,
+        new_monitor,
+        record_load,
+        router_setup,
+    )
     from moepost.config.schema import MoEConfig
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -108,11 +113,12 @@ def load_entropy(model_dir: Path, eval_file: Path, limit: int = 64) -> float:
     quiet = MoEConfig(
         router_aux_loss_coef=0.0, collapse_entropy_threshold=0.0, collapse_dead_threshold=10**9
     )
-    router = RouterTools(model, quiet)
-    with torch.no_grad(), router.capture() as cap:
+    router = router_setup(model, quiet)
+    monitor = new_monitor(router, quiet)
+    with torch.no_grad(), capture_router(router) as cap:
         model(**batch, use_cache=False)
-    router.losses(cap, batch["attention_mask"].flatten().bool(), share=1.0)
-    metrics, _ = router.flush(0)
+    record_load(monitor, router, cap, batch["attention_mask"].flatten().bool())
+    metrics, _ = monitor.flush(0)
     return float(metrics["moe/load_entropy"])
 
 

@@ -78,7 +78,7 @@ class RolloutBatch:
     num_completion_tokens: int
     logprobs_exact: bool = True
     # Per row, the experts each fed token was routed to during generation, [L, fed, K]
-    # (prompt then completion; -1 where a token was never fed). Set by RouterTools.
+    # (prompt then completion; -1 where a token was never fed). Set by `batch_routes.generation_routes`.
     routes: list[torch.Tensor] | None = None
 
 
