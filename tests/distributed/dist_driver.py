@@ -28,7 +28,7 @@ from moepost.components.rollout.engine import build_training_tensors
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
 from moepost.recipes import rl_passes
-from moepost.recipes.rl_passes import plan_micro_batches
+from moepost.recipes.rl_passes import plan_step_micro_batches
 from moepost.recipes.rl_update import policy_update
 from moepost.recipes.step_tensors import StepTensors
 
@@ -130,8 +130,8 @@ def rl_update_check(rl_cfg_path: str, rank: int, world: int) -> dict[str, Any]:
         mine = slice(rank * per, (rank + 1) * per)  # whole groups: GROUP divides per
         local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
         local = dataclasses.replace(local, shared_prefix=shared)
-        alone = len(plan_micro_batches(local, cfg))
-        local = dataclasses.replace(local, micro_batches=plan_micro_batches(local, cfg, ctx))
+        alone = len(plan_step_micro_batches(local, cfg))
+        local = dataclasses.replace(local, micro_batches=plan_step_micro_batches(local, cfg, ctx))
         shared_calls: list[int] = []
         rl_passes.shared_prefix_logits = partial(_counted, shared_calls, REAL_SHARED)
         try:

@@ -32,7 +32,7 @@ from moepost.components.moe.router_setup import router_setup
 from moepost.config.load import load_config
 from moepost.distributed import DistContext, attach_optimizer, prepare_model
 from moepost.recipes.common import Optimization
-from moepost.recipes.rl_passes import plan_micro_batches
+from moepost.recipes.rl_passes import plan_step_micro_batches
 from moepost.recipes.rl_update import policy_update
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -153,7 +153,7 @@ def update_case(rl_cfg: str, rank: int, world: int, stage: int, algorithm: str, 
     per = len(prompts) // world
     mine = slice(rank * per, (rank + 1) * per)
     local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
-    local = dataclasses.replace(local, micro_batches=plan_micro_batches(local, cfg, ctx))
+    local = dataclasses.replace(local, micro_batches=plan_step_micro_batches(local, cfg, ctx))
     m_dp = policy_update(engine, local, cfg, router, update_index=0, dist=ctx).metrics
     grads = full_grads(model)
     m_dp.update(ctx.optimizer_step(opt))

@@ -26,7 +26,7 @@ from moepost.components.moe.router_setup import router_setup
 from moepost.config.load import load_config
 from moepost.distributed import init_distributed, prepare_model
 from moepost.recipes.common import Optimization
-from moepost.recipes.rl_passes import logprob_pass, plan_micro_batches
+from moepost.recipes.rl_passes import logprob_pass, plan_step_micro_batches
 from moepost.recipes.rl_update import policy_update
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,7 +66,7 @@ def _one_case(rl_cfg: str, name: str, extra: list[str], rank: int, world: int) -
     mine = slice(rank * per, (rank + 1) * per)
     local = step_tensors(prompts[mine], completions[mine], adv[mine], rank * per)
     local = dataclasses.replace(local, shared_prefix=shared)
-    local = dataclasses.replace(local, micro_batches=plan_micro_batches(local, cfg, ctx))
+    local = dataclasses.replace(local, micro_batches=plan_step_micro_batches(local, cfg, ctx))
     ref_diff = 0.0
     if lora:
         ref = logprob_pass(model, local, cfg, disable_adapter=True)

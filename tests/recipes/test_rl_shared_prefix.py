@@ -129,13 +129,13 @@ def test_token_budget_counts_each_shared_prompt_once() -> None:
     """Rows 0-2: a 3-token prompt, 1-4 completion tokens; rows 3-4: 6-token prompt; row 5:
     2-token prompt. T = 4 completion columns, so the rows are 7, 7, 7, 10, 10, 6 wide after
     their own pad cut. A micro-batch feeds runs x (width - 4) + rows x 4 tokens."""
-    from moepost.recipes.rl_passes import plan_micro_batches
+    from moepost.recipes.rl_passes import plan_step_micro_batches
 
     t, cfg = _tensors(), Config()
 
     def plan(budget: int) -> list[tuple[int, int]]:
         cfg.train.micro_batch_tokens = budget
-        return [(s.start, s.stop) for s in plan_micro_batches(t, cfg)]
+        return [(s.start, s.stop) for s in plan_step_micro_batches(t, cfg)]
 
     # 20: rows 0-2 feed 3 + 3 x 4 = 15; adding row 3 (a second run, width 10) would feed
     # 2 x 6 + 4 x 4 = 28. Rows 3-4 feed 6 + 8 = 14; adding row 5: 2 x 6 + 3 x 4 = 24.

@@ -68,7 +68,7 @@ from moepost.recipes.rl_eval import evaluate_and_keep_best, evaluate_rl
 from moepost.recipes.rl_passes import (
     logprob_pass,
     old_logprob_pass,
-    plan_micro_batches,
+    plan_step_micro_batches,
     shared_prefix_off,
 )
 from moepost.recipes.rl_rollout import compute_advantages, rollout_and_score, total_steps
@@ -197,7 +197,9 @@ def _train_on_batch(
     cfg, dist = run.cfg, run.dist
     layout = {"packed": cfg.data.packing, "shared_prefix": p.shared_prefix}
     tensors = tensors_for_step(batch, advantages, p.tokenizer.pad_token_id, run.device, **layout)
-    tensors = dataclasses.replace(tensors, micro_batches=plan_micro_batches(tensors, cfg, dist))
+    tensors = dataclasses.replace(
+        tensors, micro_batches=plan_step_micro_batches(tensors, cfg, dist)
+    )
     width, num_completion = tensors.input_ids.shape[1], tensors.completion_ids.shape[1]
     routes = batch_routes(
         p.router, batch.routes, batch.prompt_ids, width, width - num_completion

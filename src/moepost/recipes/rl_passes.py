@@ -93,7 +93,9 @@ def shared_prefix_off(
     return None
 
 
-def plan_micro_batches(t: StepTensors, cfg: Config, dist: DistContext | None = None) -> list[slice]:
+def plan_step_micro_batches(
+    t: StepTensors, cfg: Config, dist: DistContext | None = None
+) -> list[slice]:
     """Consecutive row slices: `train.micro_batch_size` rows each, or as many rows as fit
     `train.micro_batch_tokens` tokens, a row costing its width after the shared left-pad cut
     (`columns`; packed: its real tokens, summed). Rows keep their order: routing replay indexes
@@ -137,7 +139,7 @@ def _shared_budget_slices(t: StepTensors, cfg: Config) -> list[slice]:
 
 
 def micro_slices(t: StepTensors, cfg: Config) -> list[slice]:
-    return list(t.micro_batches) or plan_micro_batches(t, cfg)
+    return list(t.micro_batches) or plan_step_micro_batches(t, cfg)
 
 
 @torch.no_grad()

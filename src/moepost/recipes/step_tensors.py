@@ -32,7 +32,7 @@ class StepTensors:
     rollout_logprobs: torch.Tensor  # [N, T] from the engine
     old_logprobs: torch.Tensor | None = None  # [N, T]
     ref_logprobs: torch.Tensor | None = None  # [N, T]
-    # Row slices of the step's micro-batches (`plan_micro_batches`); empty: micro_batch_size rows
+    # Row slices of the step's micro-batches (`rl_passes.plan_step_micro_batches`); empty: micro_batch_size rows
     micro_batches: Sequence[slice] = ()
     # data.packing: each micro-batch is one padding-free row of its rows' real tokens
     packed: bool = False
