@@ -92,20 +92,14 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     eval_only = getattr(args, "eval_only", False) or args.command == "eval"
-    kwargs = {
-        "resume": getattr(args, "resume", None),
-        "eval_only": eval_only,
-        "allow_config_change": getattr(args, "allow_config_change", False),
-    }
+    resume: str | None = getattr(args, "resume", None)
+    allow_change = bool(getattr(args, "allow_config_change", False))
     with handle_stop_signals():
         if cfg.stage == "sft":
-            from moepost.recipes.sft import run_sft
-
-            run_sft(cfg, **kwargs)
+            from moepost.recipes.sft import run_sft as run
         else:
-            from moepost.recipes.rl import run_rl
-
-            run_rl(cfg, **kwargs)
+            from moepost.recipes.rl import run_rl as run
+        run(cfg, resume=resume, eval_only=eval_only, allow_config_change=allow_change)
     return 0
 
 

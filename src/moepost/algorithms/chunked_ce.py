@@ -58,7 +58,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         hidden: torch.Tensor,
         weight: torch.Tensor,
@@ -97,7 +97,7 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         return logprobs, entropy, argmax
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, g_lp: torch.Tensor | None, g_ent: torch.Tensor | None, _g_argmax: Any
     ) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, bias, safe, valid, lse, entropy, lse_all = ctx.saved_tensors

@@ -8,6 +8,8 @@ one chunk to float32 at a time, and keeps only [B, T] results for backward.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -61,8 +63,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
+    def forward(
+        ctx: Any,  # torch's FunctionCtx; it carries the attributes set below
         logits: torch.Tensor,
         labels: torch.Tensor,
         temperature: float,
@@ -89,8 +91,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, grad_out: torch.Tensor
+    def backward(
+        ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, None, None, None, None]:
         logits, safe_labels, valid, lse = ctx.saved_tensors
         temperature, chunk_size, clip = ctx.temperature, ctx.chunk_size, ctx.logits_clip

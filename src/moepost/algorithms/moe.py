@@ -127,7 +127,7 @@ def load_balancing_loss_global(
     mask: Tensor | None = None,
     *,
     global_counts: Tensor,
-    global_num_tokens: int | Tensor | None = None,
+    global_num_tokens: float | Tensor | None = None,
     scaling: Literal["hf"] = "hf",
 ) -> Tensor:
     """Global-batch load-balancing loss: f_e from the whole step's counts, P_e from local tokens.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
 from typing import Literal
 
@@ -235,13 +236,14 @@ def policy_loss(
     per_token, ratio, clipped = _per_token_loss(
         logprobs, old_logprobs, advantages, valid, ratio_level, clip_eps_low, clip_eps_high
     )
-    normalisers = {
-        "mode": aggregation,
-        "num_global_tokens": num_global_tokens,
-        "num_global_seqs": num_global_seqs,
-        "max_new_tokens": max_new_tokens,
-    }
-    pg_loss = aggregate(per_token, valid, **normalisers)
+    aggregate_step = partial(  # the whole step's normalisers fixed
+        aggregate,
+        mode=aggregation,
+        num_global_tokens=num_global_tokens,
+        num_global_seqs=num_global_seqs,
+        max_new_tokens=max_new_tokens,
+    )
+    pg_loss = aggregate_step(per_token, valid)
     loss = pg_loss
     metrics: dict[str, torch.Tensor] = {"pg_loss": pg_loss.detach()}
 
@@ -249,7 +251,7 @@ def policy_loss(
         ref = torch.where(valid, ref_logprobs.detach(), torch.zeros_like(logprobs))
         kl = kl_penalty(logprobs, ref, estimator=kl_estimator)
         if kl_coef > 0:
-            loss = loss + aggregate(kl_coef * kl, valid, **normalisers)
+            loss = loss + aggregate_step(kl_coef * kl, valid)
         metrics["kl"] = _masked_mean(kl, valid)
 
     nonempty = valid.any(dim=-1)

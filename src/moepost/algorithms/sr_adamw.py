@@ -62,7 +62,7 @@ class StochasticRoundingAdamW(torch.optim.Optimizer):
         return self._generators[key]
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None) -> Any:
         loss = None
         if closure is not None:
             with torch.enable_grad():

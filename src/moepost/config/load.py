@@ -162,7 +162,7 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting only lossless cases."""
     origin = get_origin(tp)
     bad = UserError(f"{source}: {key} = {value!r}: expected {_type_name(tp)}")
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):  # a dataclass field type
         return _build(tp, value, source, key + ".")
     if origin in (Union, types.UnionType):
         args = get_args(tp)

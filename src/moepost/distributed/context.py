@@ -266,7 +266,7 @@ def _fsdp2_full_state_for_save(model: torch.nn.Module, ctx: DistContext) -> Iter
     full = get_model_state_dict(
         model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    target = unwrap(model)
+    target: Any = unwrap(model)  # a transformers / PEFT model (`save_pretrained`)
     if ctx.is_main:
         bound = functools.partial(type(target).save_pretrained, target, state_dict=full)
         target.__dict__["save_pretrained"] = bound

@@ -26,7 +26,6 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
 import torch
 
 from moepost.components.training import checkpoint as ckpt
@@ -55,8 +54,6 @@ class TrainState(Protocol):
 
 ENGINE_DIR = "deepspeed"
 TAG = "state"  # one engine checkpoint per folder: a fixed tag, no "global_stepN" names
-# numpy's RNG state as torch.save pickles it: data-only types, allowed with weights_only=True.
-_NUMPY_TYPES = [np.dtype, np.ndarray, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
 
 
 def _has_frozen(model: torch.nn.Module) -> bool:
@@ -96,7 +93,7 @@ def save(
                 trainer_state,
                 keep_last=run.cfg.logging.keep_last_checkpoints,
                 config=config_to_dict(run.cfg),  # compared on --resume, as for full checkpoints
-                extra_files=lambda tmp: staging.rename(tmp / ENGINE_DIR),
+                extra_files=lambda tmp: _move(staging, tmp / ENGINE_DIR),
             )
     ctx.barrier()  # nobody runs ahead (or reads the folder) before it is complete
     return path
@@ -134,7 +131,7 @@ def load(run: Run, path: Path, model: torch.nn.Module, opt: Optimization) -> dic
         raise UserError(f"--resume {path}: DeepSpeed could not load {engine_dir}")
     opt.calls = int(blob["optim"]["calls"])
     rng_file = engine_dir / f"rng_rank{ctx.rank}.pt"
-    with torch.serialization.safe_globals(_NUMPY_TYPES):
+    with torch.serialization.safe_globals(ckpt.NUMPY_PICKLE_TYPES):
         ckpt.set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
     return blob
 
@@ -149,3 +146,8 @@ def refuse_engine_state(path: Path, blob: dict[str, Any]) -> None:
         f"backend, stage and world size, or continue from its weights with "
         f"model.policy_name_or_path={path}"
     )
+
+
+def _move(src: Path, dst: Path) -> None:
+    """`save_checkpoint`'s extra_files: the staged engine state moves into the sealed folder."""
+    src.rename(dst)

@@ -126,8 +126,8 @@ def shard_experts(
         inner, expert_mesh["ep"], tp_mesh, ep_plan, ep_implementation="all_to_all"
     )
     for experts in _experts_modules(inner, ep_plan):
-        fully_shard(experts, mesh=expert_mesh["efsdp"], reshard_after_forward=reshard)
-        experts.set_gradient_divide_factor(float(world_size))
+        sharded = fully_shard(experts, mesh=expert_mesh["efsdp"], reshard_after_forward=reshard)
+        sharded.set_gradient_divide_factor(float(world_size))
         if world_size // ep > 1:
             # gloo has no PREMUL_SUM: reduce with a sum and let FSDP2 divide locally.
-            experts.set_force_sum_reduction_for_comms(True)
+            sharded.set_force_sum_reduction_for_comms(True)

@@ -45,7 +45,7 @@ def _model_and_optim_state(model: torch.nn.Module, optimizer: Any) -> dict[str, 
 
 def _write_model_files(model: torch.nn.Module, tokenizer: Any, path: Path) -> None:
     """What `export` needs besides the shards: config (full) or adapter config (LoRA)."""
-    inner = ckpt.unwrap(model)
+    inner: Any = ckpt.unwrap(model)  # a transformers / PEFT model: config, generation_config
     peft_config = getattr(inner, "peft_config", None)
     if peft_config:
         for name, config in peft_config.items():

@@ -18,7 +18,7 @@ import torch
 
 from moepost.components.moe.capture import capture_routing, replay_routing
 from moepost.components.rollout.engine import build_training_tensors
-from moepost.tools.doctor_setup import Check, DoctorSetup
+from moepost.tools.doctor_setup import Check, DoctorSetup, Status
 
 TOPK_AGREE_WARN = 0.999  # share of (layer, token) whose block top-k = top-k of the logits
 
@@ -63,7 +63,7 @@ def custom_router_checks(s: DoctorSetup) -> list[Check]:
         f"[tokens, {r.num_experts}] for all {tokens} tokens fed; the block's top-{r.top_k} is the "
         f"top-{r.top_k} of the captured logits at {share:.1%} of {int(mask.sum())} prompt tokens"
     )
-    status = "OK"
+    status: Status = "OK"
     if share < TOPK_AGREE_WARN:
         status = "WARN"
         detail += (

@@ -9,6 +9,7 @@ in the shards is not read.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ def export_sharded(
 ) -> None:
     """Write the weights of sharded checkpoint `ckpt` to `out` (`base`: the adapter's base
     model, None for full weights); LoRA is merged with `merge_lora`, else saved as an adapter."""
-    model = _rebuild(ckpt, base, misc, trust_remote_code)
+    model: Any = _rebuild(ckpt, base, misc, trust_remote_code)  # transformers / PEFT model
     load_sharded_weights(ckpt, model)
     if base is not None and merge_lora:
         model = model.merge_and_unload()

@@ -115,7 +115,8 @@ def counts_from_model(model: nn.Module) -> ParamCounts:
     infos = find_moe_layers(model)
     experts = 0
     for info in infos:
-        block = root.get_submodule(info.name.replace(".base_layer", "").rsplit(".", 1)[0])
+        # the MoE block: its `experts` module holds the expert weights
+        block: Any = root.get_submodule(info.name.replace(".base_layer", "").rsplit(".", 1)[0])
         experts += sum(p.numel() for n, p in block.experts.named_parameters() if not _is_adapter(n))
     layers = _decoder_layers(root)
     max_layer = max(

@@ -200,7 +200,7 @@ def gib(n: float) -> str:
 def format_plan(est: dict[str, float], cfg: Config, model_type: str) -> list[str]:
     """The lines `moepost plan` prints."""
     gpus, dist = int(est["gpus"]), cfg.distributed
-    setup = "single device" if gpus == 1 else dist.backend
+    setup: str = "single device" if gpus == 1 else dist.backend
     if gpus > 1 and dist.backend == "deepspeed":
         setup += f" ZeRO-{dist.zero_stage}"
     elif gpus > 1 and dist.backend == "fsdp":

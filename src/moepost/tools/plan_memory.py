@@ -32,6 +32,8 @@ DeepSpeed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from moepost.config.schema import Config
@@ -155,16 +157,14 @@ def trainer_refusals(cfg: Config, gpus: int) -> list[str]:
 
     active = gpus > 1 or cfg.distributed.enabled
     ctx = DistContext(world_size=gpus, backend=cfg.distributed.backend, active=active)
-    checks = [
+    checks: list[Callable[[], object]] = [
         lambda: check_supported(cfg, ctx, resume=None),
         lambda: check_world_size(cfg, gpus),
     ]
     for key in ("policy_gpu_ids", "reference_gpu_ids"):
         ids = getattr(cfg.model, key, None)
         checks.append(
-            lambda ids=ids, key=key: gpu_ids_device(
-                ids, key=f"model.{key}", world_size=gpus, cuda_count=1 << 16
-            )
+            partial(gpu_ids_device, ids, key=f"model.{key}", world_size=gpus, cuda_count=1 << 16)
         )
     out = []
     for check in checks:

@@ -111,7 +111,7 @@ def pack_sft(examples: Sequence[SFTExample], max_seq_length: int) -> list[Packed
 
 def _row_tensors(row: PackedRow) -> tuple[list[int], list[int], list[int], list[int]]:
     """ids, labels (first of each example -100), positions and example index per token."""
-    labels, positions, seq_ids = list(row.labels), [], []
+    labels, positions, seq_ids = list(row.labels), list[int](), list[int]()
     offset = 0
     for j, n in enumerate(row.lengths):
         labels[offset] = IGNORE_INDEX

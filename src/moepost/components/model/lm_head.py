@@ -114,7 +114,7 @@ def head_request(model: nn.Module, request: HeadRequest) -> Iterator[HeadRequest
         request.output = logprobs
         return logprobs
 
-    head.forward = forward  # type: ignore[method-assign]
+    head.forward = forward  # type: ignore[method-assign, assignment]  # undone below
     try:
         yield request
     finally:
@@ -172,7 +172,7 @@ def head_passthrough(model: nn.Module) -> Iterator[nn.Linear]:
             "train.lm_head_chunk_rows with rl.shared_prefix under FSDP: the sharded lm_head "
             "weight is not available after the forward; set rl.shared_prefix: false"
         )
-    head.forward = lambda hidden: hidden  # type: ignore[method-assign]
+    head.forward = lambda hidden: hidden  # type: ignore[method-assign, assignment]  # undone below
     try:
         yield head
     finally:

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -209,7 +209,9 @@ def _load_full_or_adapter(
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass; non-reentrant so frozen inputs still pass grads."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # a transformers model (under PEFT): the checkpointing switches are its methods
+    peft: Any = model
+    base: Any = peft.get_base_model() if hasattr(model, "get_base_model") else model
     kwargs = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -242,7 +244,7 @@ def load_policy(
     experts.apply_experts_implementation(model, model_cfg.experts_implementation, device)
     if hasattr(model, "peft_config") and not model_cfg.lora.enabled:
         # LoRA is off for this stage: the adapter becomes part of the weights being trained.
-        model = model.merge_and_unload()
+        model = cast(Any, model).merge_and_unload()  # a PeftModel
         model.requires_grad_(for_training)  # peft froze the base weights
     elif for_training and model_cfg.lora.enabled and not hasattr(model, "peft_config"):
         model = apply_lora(model, model_cfg.lora)
@@ -273,7 +275,7 @@ def load_reference(
         name, model_cfg, misc, key=key, dtype=dtype, trainable_adapter=False
     )
     if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+        model = cast(Any, model).merge_and_unload()  # a PeftModel
     model.to(device)
     experts.apply_experts_implementation(model, model_cfg.experts_implementation, device)
     model.eval()

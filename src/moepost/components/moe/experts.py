@@ -22,6 +22,9 @@ projection is one `torch.bmm`: on CPU `_grouped_mm` runs one small GEMM per expe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
 import torch
 from torch import nn
 
@@ -31,8 +34,30 @@ NAME = "moepost_grouped"
 PADDED_MAX_ROWS = 64  # padded-bmm path only up to this many rows per expert
 
 
+class _Experts(Protocol):
+    """What the forward reads of a transformers v5 experts module (`use_experts_implementation`);
+    the bias tensors exist when `has_bias`, `gate_up_proj` when `has_gate`, else `up_proj`."""
+
+    num_experts: int
+    has_gate: bool
+    has_bias: bool
+    is_transposed: bool
+    has_post_expert_norm: bool
+    _is_expert_parallel: bool
+    gate_up_proj: torch.Tensor  # [E, 2I, H] ([E, H, 2I] when is_transposed)
+    up_proj: torch.Tensor
+    down_proj: torch.Tensor
+    gate_up_proj_bias: torch.Tensor
+    up_proj_bias: torch.Tensor
+    down_proj_bias: torch.Tensor
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    post_expert_norm: Callable[[torch.Tensor], torch.Tensor]
+
+    def _apply_gate(self, h: torch.Tensor) -> torch.Tensor: ...
+
+
 def sorted_experts_forward(
-    self: nn.Module,
+    self: _Experts,
     hidden_states: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
@@ -45,7 +70,8 @@ def sorted_experts_forward(
     from transformers.integrations.moe import grouped_mm_experts_forward
 
     if self._is_expert_parallel:  # sentinel expert ids need transformers' masking
-        return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        module = cast(nn.Module, self)  # the experts module itself, seen through `_Experts`
+        return grouped_mm_experts_forward(module, hidden_states, top_k_index, top_k_weights)
     top_k = top_k_index.shape[-1]
     expert_ids = top_k_index.reshape(-1)  # [S], S = T * k
     order = torch.argsort(expert_ids, stable=True)  # pairs grouped by expert
@@ -71,7 +97,7 @@ def _use_padded(counts: torch.Tensor) -> bool:
 
 
 def _grouped_experts(
-    self: nn.Module, x: torch.Tensor, counts: torch.Tensor, sorted_ids: torch.Tensor
+    self: _Experts, x: torch.Tensor, counts: torch.Tensor, sorted_ids: torch.Tensor
 ) -> torch.Tensor:
     """Expert MLP of the expert-sorted pairs x [S, H] -> [S, H], one grouped GEMM each."""
     from transformers.integrations.moe import _grouped_linear
@@ -91,7 +117,7 @@ def _grouped_experts(
 
 
 def _padded_experts(
-    self: nn.Module, x: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor
+    self: _Experts, x: torch.Tensor, sorted_ids: torch.Tensor, counts: torch.Tensor
 ) -> torch.Tensor:
     """The same MLP with the pairs laid out [E, m, H] (zero rows pad), one bmm each."""
     starts = torch.cumsum(counts, dim=0) - counts
@@ -136,7 +162,8 @@ def experts_in_use(model: nn.Module) -> str | None:
     base = unwrap_model(model)
     if not supports_experts_implementation(model):
         return None
-    return str(base.config._experts_implementation)
+    config: Any = base.config  # a PretrainedConfig (supports_experts_implementation checked it)
+    return str(config._experts_implementation)
 
 
 def auto_experts_implementation(device: torch.device) -> str | None:
@@ -149,7 +176,7 @@ def apply_experts_implementation(model: nn.Module, requested: str, device: torch
     in use ("n/a" for a model without pluggable experts)."""
     if not supports_experts_implementation(model):
         return "n/a"
-    base = unwrap_model(model)
+    base: Any = unwrap_model(model)  # a PreTrainedModel (supports_experts_implementation)
     name = auto_experts_implementation(device) if requested == "auto" else requested
     if name == NAME:
         register()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, cast
 
 import torch
 from torch import nn
@@ -128,11 +128,21 @@ def _layer_number(name: str, fallback: int) -> int:
     return int(numbers[-1]) if numbers else fallback
 
 
+class _TopKRouter(Protocol):
+    """The attributes every router class of `_ROUTER_SPECS` has."""
+
+    num_experts: int
+    top_k: int
+    weight: nn.Parameter  # [E, H]
+    norm_topk_prob: bool
+
+
 def _info(index: int, name: str, router: nn.Module) -> MoELayerInfo:
     spec = _ROUTER_SPECS[type(router).__name__]
+    verified = cast(_TopKRouter, router)  # a class of `_ROUTER_SPECS`: these attributes exist
     norm = spec.norm_topk_prob
     if norm is None:
-        norm = bool(router.norm_topk_prob)
+        norm = bool(verified.norm_topk_prob)
     bias = getattr(router, "bias", None)
     return MoELayerInfo(
         index=index,
@@ -140,10 +150,10 @@ def _info(index: int, name: str, router: nn.Module) -> MoELayerInfo:
         name=name,
         router=router,
         kind=spec.kind,
-        num_experts=int(router.num_experts),
-        top_k=int(router.top_k),
+        num_experts=int(verified.num_experts),
+        top_k=int(verified.top_k),
         norm_topk_prob=norm,
-        weight=router.weight,
+        weight=verified.weight,
         bias=bias if isinstance(bias, nn.Parameter) else None,
         routed_scaling_factor=float(getattr(router, "routed_scaling_factor", 1.0)),
     )

@@ -304,7 +304,7 @@ def _combine(
         if any(value is None for _, value in terms):
             total.append(None)
         else:
-            total.append(sum(w * v for w, v in terms))  # type: ignore[operator]
+            total.append(sum((w * v for w, v in terms if v is not None), 0.0))
     extra: dict[str, list[Any]] = {}
     metrics: dict[str, float] = {}
     for name, result in results.items():

@@ -26,6 +26,7 @@ reward model once, on its own ``device``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -133,7 +134,8 @@ class TranslationQEScorer:
                 f"{kind}: regression_token_id {regression_token_id} is outside the vocabulary "
                 f"({model.config.vocab_size}) of {path}"
             )
-        self.model = model.to(self.device).eval()
+        model.to(self.device)  # type: ignore[arg-type]  # transformers' decorated `to` confuses mypy
+        self.model = model.eval()
 
     def _encode(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         # model_max_length keeps XLM-R-style models inside their 512 position embeddings.
@@ -295,13 +297,9 @@ def get_scorer(
     """The cached scorer for these load settings; built (model loaded) on first use."""
     key = (kind, str(path), tokenizer_path, device, dtype, head, regression_token_id)
     if key not in _SCORERS:
-        load = {"device": device, "tokenizer_path": tokenizer_path, "dtype": dtype}
-        if kind == "metricx":
-            _SCORERS[key] = MetricXQE(
-                str(path), head=head, regression_token_id=regression_token_id, **load
-            )
-        else:
-            _SCORERS[key] = XCOMET(str(path), **load)
+        load = partial(MetricXQE, head=head, regression_token_id=regression_token_id)
+        scorer = load if kind == "metricx" else XCOMET
+        _SCORERS[key] = scorer(str(path), device=device, tokenizer_path=tokenizer_path, dtype=dtype)
     return _SCORERS[key]
 
 

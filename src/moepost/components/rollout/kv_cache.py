@@ -39,6 +39,7 @@ class ReservedLayer(DynamicLayer):
         new = old + key_states.shape[-2]
         buf = self._key_buf
         if buf is None or new > buf.shape[-2] or buf.shape[:-2] != key_states.shape[:-2]:
+            assert self.keys is not None and self.values is not None  # lazy_initialization
             self._key_buf = self._regrow(self.keys, key_states, old, new)
             self._value_buf = self._regrow(self.values, value_states, old, new)
         assert self._key_buf is not None and self._value_buf is not None

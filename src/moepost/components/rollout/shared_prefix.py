@@ -136,7 +136,7 @@ def shared_prefix_logits(
     (input_ids, attention_mask, position_ids), with each shared prefix run once."""
     ids, mask, pos = inputs["input_ids"], inputs["attention_mask"], inputs["position_ids"]
     p, rep = share.prefix_width, share.representative
-    cache = DynamicCache(config=unwrap_model(model).config)
+    cache = DynamicCache(config=getattr(unwrap_model(model), "config", None))
     head = model(
         **without_trailing_padding_mask(
             {

@@ -136,7 +136,7 @@ class VLLMRolloutEngine:
         """
         weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
 
-        def load(vllm_model: torch.nn.Module) -> None:
+        def load(vllm_model: Any) -> None:  # vLLM's model class (no stubs)
             vllm_model.load_weights(weights)  # returns the loaded names; not worth shipping back
 
         if hasattr(self.llm, "apply_model"):

@@ -16,7 +16,7 @@ import random
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -38,6 +38,23 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
         model = model.module
     return model
+
+
+class SavesPretrained(Protocol):
+    """A transformers or PEFT model: it writes itself (weights or adapters) to a folder."""
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Any: ...
+
+
+def saveable(model: torch.nn.Module) -> SavesPretrained:
+    """The model under its DDP / FSDP wrappers, as something that has `save_pretrained`."""
+    inner = unwrap(model)
+    if not callable(getattr(inner, "save_pretrained", None)):
+        raise UserError(
+            f"model: {type(inner).__name__} has no save_pretrained; moepost saves transformers "
+            "(or PEFT) models"
+        )
+    return cast(SavesPretrained, inner)
 
 
 def rng_state() -> dict[str, Any]:
@@ -88,7 +105,7 @@ def save_model_dir(
     """
 
     def write(tmp: Path) -> None:
-        unwrap(model).save_pretrained(tmp, safe_serialization=True)
+        saveable(model).save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if trainer_state is not None:
@@ -191,15 +208,21 @@ def resolve_resume(output_dir: str | Path, resume: str | None) -> Path | None:
     return p
 
 
-# numpy's RNG state in checkpoints written before it was stored as a tensor: data-only types.
-_LEGACY_NUMPY = [np.dtype, np.ndarray, np.dtypes.UInt32DType, np._core.multiarray._reconstruct]
+# numpy's RNG state as torch.save pickles it (checkpoints written before it was stored as a
+# tensor, and DeepSpeed's engine state): data-only types, allowed with weights_only=True.
+NUMPY_PICKLE_TYPES = [
+    np.dtype,
+    np.ndarray,
+    np.dtypes.UInt32DType,
+    np._core.multiarray._reconstruct,  # type: ignore[attr-defined]  # numpy 2 private, no stub
+]
 
 
 def load_trainer_state(ckpt: Path) -> dict[str, Any]:
     """`trainer_state.pt` with weights_only=True: tensors and plain data only, no code."""
     path = ckpt / STATE_FILE
     try:
-        with torch.serialization.safe_globals(_LEGACY_NUMPY):
+        with torch.serialization.safe_globals(NUMPY_PICKLE_TYPES):
             blob = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         unsafe = _unsafe_globals(path)

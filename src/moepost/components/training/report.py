@@ -46,7 +46,7 @@ def _fmt(v: float | None) -> str:
 def _summary(rows: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """(metric, value, step) rows: last values of the key metrics, then the best of each eval."""
     keys = numeric_keys(rows)
-    out = []
+    out: list[tuple[str, str, str]] = []
     for key in [k for k in _SUMMARY_KEYS if k in keys] + match_keys(keys, ["reward/*"]):
         steps, values = series(rows, key)
         if key.endswith(_FAULT_COUNTS) and not any(values):  # reward fault counts, all 0

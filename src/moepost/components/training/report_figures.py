@@ -175,8 +175,11 @@ def _heatmap_figure(load_rows: list[dict[str, Any]]) -> Any:
 
 def _load_entropy_figure(load_rows: list[dict[str, Any]], rows: list[dict[str, Any]]) -> Any:
     fig, (ax,) = _figure()
-    per_step = [(as_float(r.get("step")), r.get("entropy")) for r in load_rows]
-    per_step = [(s, e) for s, e in per_step if s is not None and isinstance(e, list)]
+    per_step: list[tuple[float, list[Any]]] = []
+    for r in load_rows:
+        step, entropy = as_float(r.get("step")), r.get("entropy")
+        if step is not None and isinstance(entropy, list):
+            per_step.append((step, entropy))
     num_layers = max((len(e) for _, e in per_step), default=0)
     if not num_layers:  # no expert_load.jsonl: the layer-averaged train-log keys are all there is
         _lines(ax, rows, match_keys(numeric_keys(rows), ["moe/load_entropy*"]), "", "")
@@ -186,8 +189,8 @@ def _load_entropy_figure(load_rows: list[dict[str, Any]], rows: list[dict[str, A
 
     norm, steps = Normalize(0, max(num_layers - 1, 1)), [s for s, _ in per_step]
     for layer in range(num_layers):
-        ys = [as_float(e[layer]) if layer < len(e) else None for _, e in per_step]
-        ys = _finite([math.nan if v is None else v for v in ys])
+        values = [as_float(e[layer]) if layer < len(e) else None for _, e in per_step]
+        ys = _finite([math.nan if v is None else v for v in values])
         color = colormaps["viridis"](norm(layer))
         ax.plot(steps, ys, color=color, label=f"layer {layer}", **_marks(steps))
     if num_layers > 8:  # dozens of layers: a colour scale reads better than a legend
