@@ -168,3 +168,14 @@ def test_damaged_state_bytes_are_always_a_one_line_error(tmp_path: Path) -> None
         path.write_bytes(blob)
         with pytest.raises(UserError, match=f"{path}: (unreadable|refused|not a moepost)"):
             ckpt.load_trainer_state(folder)
+
+
+def test_a_model_without_save_pretrained_is_a_one_line_error() -> None:
+    from moepost.components.training.checkpoint import saveable
+    from moepost.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        saveable(torch.nn.DataParallel(torch.nn.Linear(2, 2)))
+    assert str(err.value) == (
+        "model: Linear has no save_pretrained; moepost saves transformers (or PEFT) models"
+    )

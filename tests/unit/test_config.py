@@ -124,3 +124,20 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     path = write_resolved_config(cfg, tmp_path / "run")
     again = load_config(path)
     assert again == cfg
+
+
+def test_micro_batches_default_to_a_token_budget_unless_a_key_says_otherwise(
+    tmp_path: Path,
+) -> None:
+    """Nothing set: a 2048-token budget. Any one of the three micro-batch keys, in the file or
+    on the command line, turns the default off and is honoured as written."""
+    path = _write(tmp_path, BASE)
+    cfg = load_config(path)
+    assert (cfg.train.micro_batch_tokens, cfg.train.micro_batch_size) == (2048, 1)
+    assert load_config(path, ["train.micro_batch_size=2"]).train.micro_batch_tokens == 0
+    assert load_config(path, ["train.micro_batch_tokens=0"]).train.micro_batch_tokens == 0
+    assert load_config(path, ["train.micro_batch_tokens=512"]).train.micro_batch_tokens == 512
+    accum = load_config(path, ["train.gradient_accumulation_steps=8"])
+    assert (accum.train.micro_batch_tokens, accum.train.micro_batch_size) == (0, 1)
+    in_file = load_config(_write(tmp_path, {**BASE, "train": {"micro_batch_size": 4}}, "f.yaml"))
+    assert (in_file.train.micro_batch_tokens, in_file.train.micro_batch_size) == (0, 4)

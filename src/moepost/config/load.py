@@ -17,7 +17,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
-from moepost.config.schema import Config
+from moepost.config.schema import DEFAULT_MICRO_BATCH_TOKENS, MICRO_BATCH_KEYS, Config
 from moepost.errors import UserError
 
 # The Qwen3.5 pipeline puts router options under `rl:`; they mean the `moe.*` keys.
@@ -79,8 +79,17 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     source = str(path) if path is not None else "<overrides>"
     _apply_aliases(data, source)
     cfg = _build(Config, data, source, "")
+    _default_micro_batching(cfg, data.get("train"))
     validate(cfg)
     return cfg
+
+
+def _default_micro_batching(cfg: Config, train: Any) -> None:
+    """No micro-batch key given (`train.micro_batch_size`, `micro_batch_tokens`,
+    `gradient_accumulation_steps`): micro-batches of up to DEFAULT_MICRO_BATCH_TOKENS tokens."""
+    given = isinstance(train, dict) and any(k in train for k in MICRO_BATCH_KEYS)
+    if not given:
+        cfg.train.micro_batch_tokens = DEFAULT_MICRO_BATCH_TOKENS
 
 
 def _apply_aliases(data: dict[str, Any], source: str) -> None:
