@@ -129,11 +129,11 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 def test_micro_batches_default_to_a_token_budget_unless_a_key_says_otherwise(
     tmp_path: Path,
 ) -> None:
-    """Nothing set: a 2048-token budget. Any one of the three micro-batch keys, in the file or
+    """Nothing set: a 1024-token budget. Any one of the three micro-batch keys, in the file or
     on the command line, turns the default off and is honoured as written."""
     path = _write(tmp_path, BASE)
     cfg = load_config(path)
-    assert (cfg.train.micro_batch_tokens, cfg.train.micro_batch_size) == (2048, 1)
+    assert (cfg.train.micro_batch_tokens, cfg.train.micro_batch_size) == (1024, 1)
     assert load_config(path, ["train.micro_batch_size=2"]).train.micro_batch_tokens == 0
     assert load_config(path, ["train.micro_batch_tokens=0"]).train.micro_batch_tokens == 0
     assert load_config(path, ["train.micro_batch_tokens=512"]).train.micro_batch_tokens == 512

@@ -159,11 +159,12 @@ class OptimConfig:
     stochastic_rounding: bool = False
 
 
-# The token budget of a config that says nothing about micro-batches. One row per forward (the
-# old default) left a GSPO step of 8 prompts x G=8 x 64 tokens at 107 s against TRL's 70 s;
-# 2048 tokens hold about TRL's 8 default rows at 256 tokens each, so a run that fits there
-# fits here, while short rows share a forward.
-DEFAULT_MICRO_BATCH_TOKENS = 2048
+# The token budget of a config that says nothing about micro-batches. GSPO, 8 prompts x G=8 x
+# 64 new tokens, 4 steps, bench model, 1 thread, one run each: one row per forward (the old
+# default) 67.1 s and 1037 MB peak RSS; 1024 tokens 39.1 s, 1349 MB; 2048 tokens 33.6 s,
+# 1582 MB; TRL (8-row micro-batches) 117.7 s, 1418 MB. 1024 is the largest that stayed under
+# TRL's peak.
+DEFAULT_MICRO_BATCH_TOKENS = 1024
 MICRO_BATCH_KEYS = ("micro_batch_size", "micro_batch_tokens", "gradient_accumulation_steps")
 
 
