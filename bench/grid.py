@@ -103,7 +103,7 @@ def _exact_point(item: str) -> Point | None:
 
 
 def parse_points(spec: str | None) -> list[Point]:
-    """The points a `--points` filter selects, in grid order, without repeats.
+    """The points a `--points` filter selects, item by item (grid order within one), no repeats.
 
     Items are comma-separated: `rl` / `sft` (every point of that kind), a glob over point ids
     (`rl:*x8x32`, `sft:*:char`), or a concrete id (`rl:2x8x32`, `sft:128:v152k`), which may lie
