@@ -64,3 +64,25 @@ def test_one_quick_point_per_side_writes_positive_figures(tmp_path: Path) -> Non
     for key in ("step_s", "process_s", "tokens_per_s", "peak_rss_mb"):
         assert point["ratio"][key] > 0
     assert "| rl:2x4x32 |" in result.stdout and "Command: `python bench/grid.py" in result.stdout
+
+
+@pytest.mark.slow
+def test_learning_dry_run_scores_both_sides_on_the_same_steps(tmp_path: Path) -> None:
+    out = tmp_path / "learning.json"
+    cmd = [sys.executable, "bench/learning_vs_trl.py", "--dry", "--seeds", "0", "--threads", "1"]
+    result = subprocess.run(
+        [*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["steps"] == 4 and report["eval_every"] == 2
+    (seed,) = report["seeds"]
+    for side in ("moepost", "trl"):
+        points = seed["curves"][side]
+        assert [p["step"] for p in points] == [0, 2, 4]
+        assert points[0]["accuracy"] == seed["sft_accuracy"]  # step 0: the SFT checkpoint
+        for p in points:
+            assert 0.0 <= p["accuracy"] <= 1.0, (side, p)  # NaN (never scored) fails here
+        for p in points[1:]:
+            assert 0.0 <= p["reward"] <= 1.0, (side, p)  # a training reward was logged
+    assert "median over seeds 0" in result.stdout
