@@ -181,3 +181,93 @@ def mixed_chat_file(n: int = 256, seed: int = 0, max_turns: int = 5, cache: Path
         at += t
     name = f"arith_chat_mixed_{n}_{seed}_t{max_turns}.jsonl"
     return write_jsonl(rows, cache / "data" / name)
+
+
+# ---------------------------------------------------------------- a Qwen-sized vocabulary
+
+BIG_VOCAB = 151_936  # Qwen2/Qwen3's vocabulary size
+
+
+def big_vocab_model(spec: ModelSpec | None = None, cache: Path = CACHE) -> Path:
+    """The bench model's body with a 151,936-entry vocabulary and a BPE tokenizer to match.
+
+    The tokenizer keeps the char-level one's ids for the specials and characters (so the
+    config's pad / eos ids hold), adds the merges a BPE trainer learns on the bench data (words
+    with their leading space, digits one by one, so text takes fewer tokens than characters),
+    and fills the rest of the vocabulary with entries no merge produces. Loading, embedding and
+    LM head then cost what a Qwen-sized vocabulary costs; tokenisation is real BPE.
+    """
+    import transformers
+
+    spec = spec or ModelSpec()
+    out = cache / "models" / f"{spec.key}_v{BIG_VOCAB}_bpe_tf{transformers.__version__}"
+    if (out / "BENCH_OK").is_file():
+        return out
+    from moepost.tools.tiny_model import build_tiny_model
+
+    build_tiny_model(
+        out,
+        "qwen3_moe",
+        seed=spec.seed,
+        hidden_size=spec.hidden_size,
+        num_layers=spec.num_layers,
+        num_experts=spec.num_experts,
+        top_k=spec.top_k,
+        moe_intermediate_size=spec.moe_intermediate_size,
+        num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads,
+        vocab=BIG_VOCAB,
+        dtype=spec.dtype,
+    )
+    _bpe_tokenizer().save_pretrained(out)  # replaces the char-level tokenizer files
+    (out / "BENCH_OK").write_text(json.dumps({**asdict(spec), "vocab": BIG_VOCAB}))
+    return out
+
+
+def _bpe_tokenizer() -> Any:
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moepost.tools import tiny_model as tm
+
+    base = tm.build_tokenizer()
+    vocab = dict(base.get_vocab())
+    # Merges learnt on the text both frameworks will see: questions, worked answers, roles.
+    corpus = [f"{r['question']}\n{r['answer']}" for r in _corpus_rows()] + ["user\n", "assistant\n"]
+    # GPT-style pieces: single digits (as Qwen splits numbers), words with their leading space,
+    # punctuation runs, whitespace runs; "isolated" keeps every character, so decoding is a join.
+    split = pre_tokenizers.Split(Regex(r"\d| ?[A-Za-z]+| ?[^\sA-Za-z\d]+|\s+"), behavior="isolated")
+    learner = Tokenizer(models.BPE(unk_token=tm.UNK_TOKEN))
+    learner.pre_tokenizer = split
+    trainer = trainers.BpeTrainer(
+        vocab_size=4096, initial_alphabet=sorted(set("".join(corpus))), show_progress=False
+    )
+    learner.train_from_iterator(corpus, trainer)
+    merges = json.loads(learner.to_str())["model"]["merges"]
+    pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in merges]
+    for a, b in pairs:
+        vocab.setdefault(a + b, len(vocab))
+    filler = 0
+    while len(vocab) < BIG_VOCAB:
+        vocab.setdefault(f"<|unused_{filler}|>", len(vocab))
+        filler += 1
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token=tm.UNK_TOKEN))
+    backend.pre_tokenizer = split
+    backend.decoder = decoders.Fuse()  # tokens are literal text pieces: concatenate them
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=tm.PAD_TOKEN,
+        eos_token=tm.IM_END,
+        unk_token=tm.UNK_TOKEN,
+        additional_special_tokens=[tm.IM_START],
+        model_max_length=4096,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    tokenizer.add_tokens(list(tm.THINK_TOKENS))  # already in the vocabulary: same ids
+    tokenizer.chat_template = tm.CHAT_TEMPLATE
+    return tokenizer
+
+
+def _corpus_rows() -> list[dict[str, str]]:
+    return arithmetic_rows(2048, seed=123)
