@@ -9,7 +9,8 @@ SFT points `sft:L:TOK`: max length L, batch 16, on the bench model with TOK = `c
 tokenizer built here, see `big_vocab_model`). Conversations have enough turns to fill L tokens.
 
 moepost runs with its user defaults for everything the grid does not set: micro-batches of
-`train.micro_batch_size`'s default, final save and report on. TRL runs micro-batches of 8 rows
+the default token budget (`config.schema.DEFAULT_MICRO_BATCH_TOKENS`, what a config without
+micro-batch keys gets), final save and report on. TRL runs micro-batches of 8 rows
 (its own default), gradient accumulation for the rest, and saves the final model too, so the
 whole-process times cover the same work. Per point, runs alternate moepost, TRL, ... (`--runs`),
 each in its own process; the first step of a run is warm-up and left out of the step medians.
@@ -186,13 +187,13 @@ CHILDREN = {
 
 def payloads(point: Point, steps: int, threads: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(moepost payload, TRL payload) of one point."""
-    from moepost.config.schema import LoggingConfig, TrainConfig
+    from moepost.config.schema import DEFAULT_MICRO_BATCH_TOKENS, LoggingConfig
 
     model_dir = model_for(point)
     # moepost's user defaults: the rl/sft jobs pin save_final off and a micro-batch size, so
     # hand them back the defaults (the overrides come last on their command lines).
     defaults = [f"logging.save_final={str(LoggingConfig().save_final).lower()}"]
-    micro = TrainConfig().micro_batch_size
+    micro = DEFAULT_MICRO_BATCH_TOKENS  # what a config that sets no micro-batch key gets
     common: dict[str, Any] = {
         "steps": steps,
         "seed": 42,
@@ -212,7 +213,7 @@ def payloads(point: Point, steps: int, threads: int) -> tuple[dict[str, Any], di
             "data_file": str(gsm8k_file()),
         }
         trl = {**p, "micro_batch_size": math.gcd(TRL_MICRO_BATCH, rows)}  # must split rows
-        return {**p, "micro_batch_size": micro, "overrides": defaults}, trl
+        return {**p, "micro_batch_tokens": micro, "overrides": defaults}, trl
     turns = sft_turns(model_dir, point.max_length)
     p = {
         **sft_vs_trl.settings(),
@@ -221,7 +222,7 @@ def payloads(point: Point, steps: int, threads: int) -> tuple[dict[str, Any], di
         "max_length": point.max_length,
         "data_file": str(chat_file(n=max(64, steps * SFT_BATCH), turns=turns)),
     }
-    return {**p, "micro_batch_size": micro, "overrides": defaults}, {
+    return {**p, "micro_batch_tokens": micro, "overrides": defaults}, {
         **p,
         "micro_batch_size": TRL_MICRO_BATCH,
     }
@@ -267,8 +268,8 @@ def run_point(
     agg = {name: aggregate(res, run_figures) for name, res in results.items()}
     a, b = agg["moepost"]["median"], agg["trl"]["median"]
     ratios = {k: b[k] / a[k] if a[k] and a[k] == a[k] else float("nan") for k in FIGURES}
-    micro = {"moepost": ours["micro_batch_size"], "trl": theirs["micro_batch_size"]}
-    return {"point": point.id, **asdict(point), "micro_batch_size": micro, **agg, "ratio": ratios}
+    micro = {"moepost": f"{ours['micro_batch_tokens']} tokens", "trl": theirs["micro_batch_size"]}
+    return {"point": point.id, **asdict(point), "micro_batches": micro, **agg, "ratio": ratios}
 
 
 # ---------------------------------------------------------------- output
@@ -308,7 +309,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"Command: `{report['command']}`",
             f"{report['runs']} alternating runs per side, {report['steps']} steps per run, "
             f"first step left out of the step medians; medians over runs. Micro-batches: moepost "
-            f"its default ({report['points'][0]['micro_batch_size']['moepost']} row), TRL "
+            f"its default ({report['points'][0]['micro_batches']['moepost']}), TRL "
             f"{TRL_MICRO_BATCH} rows (fewer when a step has fewer) with gradient accumulation.",
             "",
             table(report["points"]),

@@ -95,7 +95,10 @@ def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
             f"data.max_seq_length={p['max_length']}",
             f"train.max_steps={p['steps']}",
             f"train.batch_size={p['batch_size']}",
-            f"train.micro_batch_size={p['micro_batch_size']}",
+            # a token budget when the bench sets one (`grid.py`: moepost's default), else rows
+            f"train.micro_batch_tokens={p['micro_batch_tokens']}"
+            if p.get("micro_batch_tokens")
+            else f"train.micro_batch_size={p['micro_batch_size']}",
             f"train.seed={p['seed']}",
             f"optim.learning_rate={p['learning_rate']}",
             "optim.lr_scheduler=constant",
