@@ -55,14 +55,20 @@ def _finite(values: list[float]) -> list[float]:
     return [v if math.isfinite(v) else math.nan for v in values]
 
 
-def _figure(ncols: int = 1) -> tuple[Any, list[Any]]:
+def _figure(ncols: int = 1, *, constrained: bool = False) -> tuple[Any, list[Any]]:
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise UserError(
             "moepost report needs matplotlib (a moepost dependency): pip install matplotlib"
         ) from None
-    fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    if ncols == 1 and not constrained:
+        # Fixed margins: constrained layout measured every tick label again and took 37% of
+        # the report (24 figures: 1.85 s instead of 2.95 s); one axes needs no solver.
+        fig = Figure(figsize=(7, 4), dpi=100)
+        fig.subplots_adjust(left=0.11, right=0.97, bottom=0.12, top=0.91)
+    else:  # side-by-side axes, or a colour bar and a suptitle (the heat map)
+        fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
     axes = fig.subplots(1, ncols, squeeze=False)[0]
     return fig, list(axes)
 
@@ -150,7 +156,7 @@ def _heatmap_figure(load_rows: list[dict[str, Any]]) -> Any:
         ratios = [np.log2(m / uniform) for m in mats]
     finite = np.concatenate([r[np.isfinite(r)] for r in ratios])
     bound = float(np.clip(math.ceil(np.abs(finite).max()) if finite.size else 1, 1, 3))
-    fig, axes = _figure(len(picks))
+    fig, axes = _figure(len(picks), constrained=True)
     annotate = num_layers * num_experts <= 64
     for ax, row, mat, ratio in zip(axes, picks, mats, ratios):
         shown = np.clip(np.where(np.isneginf(ratio), -bound, ratio), -bound, bound)
