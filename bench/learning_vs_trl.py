@@ -44,6 +44,7 @@ from bench.common import (  # noqa: E402
     resolve_threads,
     run_child,
 )
+from bench.workload import trl_gsm8k_dataset, trl_gsm8k_reward  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 # --dry: the quickstart's fast mode for data and SFT, and a GSPO of a couple of small steps.
@@ -154,27 +155,15 @@ def moepost_side(p: dict[str, Any]) -> dict[str, Any]:
 
 def trl_side(p: dict[str, Any]) -> dict[str, Any]:
     import torch
-    from datasets import Dataset
     from transformers import AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from moepost.config.load import load_config
-    from moepost.rewards import gsm8k
 
     # The quickstart GSPO config as moepost resolves it (gspo preset filled in), so the TRL
     # side reads the very numbers moepost runs with.
     cfg = load_config(p["gspo_cfg"], DRY_GSPO if p["dry"] else [])
-    rows = [json.loads(x) for x in Path(p["train_file"]).read_text().splitlines() if x.strip()]
-    data = Dataset.from_list(
-        [
-            {"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
-            for r in rows
-        ]
-    )
-
-    def gsm8k_strict(prompts: list[Any], completions: list[Any], answer: list[str], **_: Any):
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return gsm8k(prompts, texts, answer=answer, method="strict")
+    data = trl_gsm8k_dataset(Path(p["train_file"]))
 
     rewards: dict[int, float] = {}
 
@@ -223,7 +212,7 @@ def trl_side(p: dict[str, Any]) -> dict[str, Any]:
     )
     trainer = GRPOTrainer(
         model=p["sft_model"],
-        reward_funcs=[gsm8k_strict],
+        reward_funcs=[trl_gsm8k_reward("strict")],
         args=args,
         train_dataset=data,
         processing_class=AutoTokenizer.from_pretrained(p["sft_model"]),

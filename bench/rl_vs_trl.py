@@ -48,6 +48,8 @@ from bench.workload import (  # noqa: E402
     gsm8k_file,
     longest_prompt_tokens,
     parameter_counts,
+    trl_gsm8k_dataset,
+    trl_gsm8k_reward,
 )
 
 SCRIPT = Path(__file__).resolve()
@@ -167,27 +169,11 @@ def moepost_job(p: dict[str, Any]) -> dict[str, Any]:
 def trl_job(p: dict[str, Any]) -> dict[str, Any]:
     """One TRL GRPOTrainer run configured as GSPO; phases timed by overriding two methods."""
     t_start = time.perf_counter()
-    import json
-
     import torch
-    from datasets import Dataset
     from transformers import AutoTokenizer, PrinterCallback, ProgressCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from moepost.rewards import gsm8k
-
-    rows = [json.loads(line) for line in Path(p["data_file"]).read_text().splitlines()]
-    dataset = Dataset.from_list(
-        [
-            {"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
-            for r in rows
-        ]
-    )
-
-    def gsm8k_reward(prompts: list[Any], completions: list[Any], answer: list[str], **_: Any):
-        # TRL hands chat-format completions as [{"role": "assistant", "content": ...}].
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return gsm8k(prompts, texts, answer=answer, method="flexible")
+    dataset = trl_gsm8k_dataset(Path(p["data_file"]))
 
     timers = {"gen": 0.0, "gen_score": 0.0}
 
@@ -262,7 +248,7 @@ def trl_job(p: dict[str, Any]) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(p["model_dir"])
     trainer = TimedGRPO(
         model=p["model_dir"],
-        reward_funcs=[gsm8k_reward],
+        reward_funcs=[trl_gsm8k_reward("flexible")],
         args=args,
         train_dataset=dataset,
         processing_class=tokenizer,

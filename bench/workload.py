@@ -47,6 +47,13 @@ def bench_model(spec: ModelSpec = ModelSpec(), cache: Path = CACHE) -> Path:
     done = out / "BENCH_OK"
     if done.is_file():
         return out
+    _build(spec, out)
+    done.write_text(json.dumps(asdict(spec)))
+    return out
+
+
+def _build(spec: ModelSpec, out: Path, **extra: Any) -> None:
+    """`build_tiny_model` of `spec` into `out`; `extra` adds keywords (e.g. `vocab=`)."""
     from moepost.tools.tiny_model import build_tiny_model
 
     build_tiny_model(
@@ -61,9 +68,8 @@ def bench_model(spec: ModelSpec = ModelSpec(), cache: Path = CACHE) -> Path:
         num_heads=spec.num_heads,
         num_kv_heads=spec.num_kv_heads,
         dtype=spec.dtype,
+        **extra,
     )
-    done.write_text(json.dumps(asdict(spec)))
-    return out
 
 
 def parameter_counts(model_dir: Path) -> dict[str, int]:
@@ -203,22 +209,7 @@ def big_vocab_model(spec: ModelSpec | None = None, cache: Path = CACHE) -> Path:
     out = cache / "models" / f"{spec.key}_v{BIG_VOCAB}_bpe_tf{transformers.__version__}"
     if (out / "BENCH_OK").is_file():
         return out
-    from moepost.tools.tiny_model import build_tiny_model
-
-    build_tiny_model(
-        out,
-        "qwen3_moe",
-        seed=spec.seed,
-        hidden_size=spec.hidden_size,
-        num_layers=spec.num_layers,
-        num_experts=spec.num_experts,
-        top_k=spec.top_k,
-        moe_intermediate_size=spec.moe_intermediate_size,
-        num_heads=spec.num_heads,
-        num_kv_heads=spec.num_kv_heads,
-        vocab=BIG_VOCAB,
-        dtype=spec.dtype,
-    )
+    _build(spec, out, vocab=BIG_VOCAB)
     _bpe_tokenizer().save_pretrained(out)  # replaces the char-level tokenizer files
     (out / "BENCH_OK").write_text(json.dumps({**asdict(spec), "vocab": BIG_VOCAB}))
     return out
@@ -271,3 +262,35 @@ def _bpe_tokenizer() -> Any:
 
 def _corpus_rows() -> list[dict[str, str]]:
     return arithmetic_rows(2048, seed=123)
+
+
+# ---------------------------------------------------------------- the TRL side of GSM8K
+
+
+def trl_gsm8k_dataset(data_file: Path) -> Any:
+    """The GSM8K JSONL as the chat-format `Dataset` TRL's GRPOTrainer reads (prompt, answer)."""
+    from datasets import Dataset
+
+    rows = [json.loads(x) for x in Path(data_file).read_text().splitlines() if x.strip()]
+    return Dataset.from_list(
+        [
+            {"prompt": [{"role": "user", "content": r["question"]}], "answer": r["answer"]}
+            for r in rows
+        ]
+    )
+
+
+def trl_gsm8k_reward(method: str) -> Any:
+    """moepost's `gsm8k` reward (`method` strict or flexible) for TRL's chat-format completions.
+
+    TRL hands each completion as [{"role": "assistant", "content": ...}]; the function's
+    `__name__` is what TRL logs the reward under.
+    """
+    from moepost.rewards import gsm8k
+
+    def reward(prompts: list[Any], completions: list[Any], answer: list[str], **_: Any) -> Any:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return gsm8k(prompts, texts, answer=answer, method=method)
+
+    reward.__name__ = f"gsm8k_{method}"
+    return reward

@@ -34,9 +34,9 @@ def chunked_completion_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """([n, T] log-probs of the completion tokens of rows `idx`, [n, T] entropies or None).
 
-    Same options as `rl_update._logprobs`: the sampling temperature, `stability.logits_clip`
-    and `stability.logprob_min`. The entropy is that of softmax(logits / temperature), like
-    `entropy_from_logits`, and comes back detached (a metric).
+    Same options as `rl_passes.completion_logprobs`: the sampling temperature,
+    `stability.logits_clip` and `stability.logprob_min`. The entropy is that of
+    softmax(logits / temperature), like `entropy_from_logits`, and comes back detached (a metric).
     """
     mask = t.completion_mask[idx].bool()
     labels = t.completion_ids[idx].masked_fill(~mask, -1)  # [n, T]

@@ -55,7 +55,7 @@ def completion_logits(
     return out.index_put(completion.nonzero(as_tuple=True), logits)
 
 
-def _chunked_logprobs(
+def head_chunk_logprobs(
     model: torch.nn.Module,
     t: StepTensors,
     idx: slice,
@@ -185,9 +185,9 @@ def _logprob_pass(
             share = t.share(sl)
             with recording_routes(record, share) as routes:
                 if chunk_rows and (share is None or shared_chunked):
-                    out[sl] = _chunked_logprobs(model, t, sl, cfg, share, chunk_rows)[0]
+                    out[sl] = head_chunk_logprobs(model, t, sl, cfg, share, chunk_rows)[0]
                 else:
-                    out[sl] = _logprobs(
+                    out[sl] = completion_logprobs(
                         completion_logits(model, t, sl, share), t.completion_ids[sl], cfg
                     )
             if routes:
@@ -195,7 +195,9 @@ def _logprob_pass(
     return out, recorded
 
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
+def completion_logprobs(logits: torch.Tensor, tokens: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """[n, T] log-probs of `tokens` [n, T] under `logits` [n, T, V], with the run's temperature
+    and the `stability` clips (the old-policy, reference and update passes all use this)."""
     return token_logprobs(
         logits,
         tokens,

@@ -32,7 +32,12 @@ from moepost.components.moe.router_setup import (
 from moepost.components.rollout.batch_routes import BatchRoutes, SliceKey, observe_drift, slice_key
 from moepost.config.schema import Aggregation, Config, RatioLevel
 from moepost.distributed import DistContext
-from moepost.recipes.rl_passes import _chunked_logprobs, _logprobs, completion_logits, micro_slices
+from moepost.recipes.rl_passes import (
+    completion_logits,
+    completion_logprobs,
+    head_chunk_logprobs,
+    micro_slices,
+)
 from moepost.recipes.step_tensors import StepTensors
 
 
@@ -175,13 +180,13 @@ def _train_forward(
     logits = entropy = None
     with capture_router(u.router, u.routes.replay_for(sl, cols, share)) as cap:
         if u.chunk_rows and (share is None or u.shared_chunked):  # no [n, T, V] logits
-            logprobs, entropy = _chunked_logprobs(model, t, sl, cfg, share, u.chunk_rows, True)
+            logprobs, entropy = head_chunk_logprobs(model, t, sl, cfg, share, u.chunk_rows, True)
         else:
             logits = completion_logits(model, t, sl, share)
     if cap is not None and share is not None:
         cap.reorder(share.to_padded)  # read the routes as the padded forward's
     if logits is not None:
-        logprobs = _logprobs(logits, t.completion_ids[sl], cfg)
+        logprobs = completion_logprobs(logits, t.completion_ids[sl], cfg)
     return logprobs, entropy, logits, cap
 
 
@@ -211,7 +216,7 @@ def _drop_nonfinite(
     else:
         zero = torch.zeros((), dtype=logits.dtype, device=logits.device)
         logits = torch.where(bad[:, None, None], zero, logits)
-        logprobs = _logprobs(logits, tokens, cfg)
+        logprobs = completion_logprobs(logits, tokens, cfg)
     return logprobs, entropy, logits, mask, nonfinite
 
 
