@@ -170,6 +170,51 @@ def test_reference_model(tiny_dirs: dict[str, Path]) -> None:
     assert load_reference(_cfg(path, enabled=True), MiscConfig(), device=CPU) is None
 
 
+def test_reference_copied_from_the_loaded_policy(tiny_dirs: dict[str, Path]) -> None:
+    """Same path, full weights, same device: the reference is an in-memory copy of the untrained
+    policy (no second read), equal to what loading gives, frozen, sharing no storage with it."""
+    path = tiny_dirs["qwen3_moe"]
+    policy = load_policy(_cfg(path), MiscConfig(), device=CPU)
+    copied = load_reference(_cfg(path), MiscConfig(), device=CPU, policy=policy)
+    loaded = load_reference(_cfg(path), MiscConfig(), device=CPU)
+    assert copied is not None and loaded is not None and copied is not policy
+    assert not copied.training and not any(p.requires_grad for p in copied.parameters())
+    assert all(p.requires_grad for p in policy.parameters()) and policy.training
+    want = loaded.state_dict()
+    got = copied.state_dict()
+    assert got.keys() == want.keys()
+    for name, tensor in got.items():
+        assert torch.equal(tensor, want[name]), name
+    pointers = {p.data_ptr() for p in policy.parameters()}
+    assert not pointers & {p.data_ptr() for p in copied.parameters()}
+    with torch.no_grad():
+        torch.testing.assert_close(copied(_batch()).logits, loaded(_batch()).logits)
+    # A training step on the policy leaves the copy where the policy started.
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)
+    first = next(iter(got))
+    assert torch.equal(copied.state_dict()[first], want[first])
+
+
+def test_reference_loaded_when_a_copy_would_differ(tiny_dirs: dict[str, Path]) -> None:
+    """Checkpointing hooks on the policy, or an explicit reference path: read from disk."""
+    path = tiny_dirs["qwen3_moe"]
+    cfg = ModelConfig(policy_name_or_path=str(path), gradient_checkpointing=True)
+    policy = load_policy(cfg, MiscConfig(), device=CPU)
+    with torch.no_grad():
+        next(policy.parameters()).add_(1.0)  # a copy would show this; a fresh load does not
+    name, start = next(
+        iter(load_reference(_cfg(path), MiscConfig(), device=CPU).state_dict().items())
+    )
+    for reference_cfg in (
+        cfg,
+        ModelConfig(policy_name_or_path=str(path), reference_name_or_path=str(path)),
+    ):
+        reference = load_reference(reference_cfg, MiscConfig(), device=CPU, policy=policy)
+        assert reference is not None
+        assert torch.equal(reference.state_dict()[name], start), reference_cfg
+
+
 def test_adapter_folder_as_policy(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     cfg = _cfg(tiny_dirs["qwen3_moe"], enabled=True, target_experts=True)
     model = load_policy(cfg, MiscConfig(), device=CPU)

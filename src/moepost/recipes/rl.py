@@ -108,6 +108,8 @@ def run_rl(
     run.say(data_line)
     reward_fns = _reward_functions(run)
     model = load_policy(cfg.model, cfg.misc, device=device, for_training=not eval_only)
+    # before the router's hooks go on: a reference copied from the policy must not carry them
+    reference = None if eval_only else _load_reference(cfg, dist, device, policy=model)
     router = router_setup(model, cfg.moe)
     engine = _build_engine(run, model, tokenizer)
     run.say(f"model: {describe_parameters(parameter_report(model))}; {describe_router(router)}")
@@ -115,7 +117,6 @@ def run_rl(
         reset_logs(run, after_step=None, names=EVAL_LOGS)
         return evaluate_rl(run, engine, eval_set or train_set.all_examples(), reward_fns, step=0)
 
-    reference = _load_reference(cfg, dist, device)
     total = total_steps(cfg, None if train_set.streaming else len(train_set))
     train_model = prepare_model(model, cfg, dist)  # DDP; `model` stays the raw one
     opt = Optimization(model, cfg, total)
@@ -228,14 +229,19 @@ def _reward_functions(run: Run) -> list[Any]:
     return reward_fns
 
 
-def _load_reference(cfg: Config, dist: DistContext, device: torch.device) -> torch.nn.Module | None:
-    """The reference model when `rl.kl_coef` needs one (LoRA: None, the policy's base)."""
+def _load_reference(
+    cfg: Config, dist: DistContext, device: torch.device, *, policy: torch.nn.Module
+) -> torch.nn.Module | None:
+    """The reference model when `rl.kl_coef` needs one (LoRA: None, the policy's base); a copy
+    of the just-loaded `policy` when it would be the same weights on the same device."""
     reference = None
     ref_device = gpu_ids_device(
         cfg.model.reference_gpu_ids, key="model.reference_gpu_ids", world_size=dist.world_size
     )
     if cfg.rl.kl_coef:
-        reference = load_reference(cfg.model, cfg.misc, device=ref_device or device, needed=True)
+        reference = load_reference(
+            cfg.model, cfg.misc, device=ref_device or device, needed=True, policy=policy
+        )
     if ref_device is not None and reference is None:
         raise UserError(
             "model.reference_gpu_ids: this run loads no separate reference model (rl.kl_coef "

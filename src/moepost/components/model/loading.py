@@ -8,6 +8,7 @@ LoRA (experts and routers included) and parameter accounting are in `lora`.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -255,12 +256,19 @@ def load_policy(
 
 
 def load_reference(
-    model_cfg: ModelConfig, misc: MiscConfig, *, device: torch.device, needed: bool = True
+    model_cfg: ModelConfig,
+    misc: MiscConfig,
+    *,
+    device: torch.device,
+    needed: bool = True,
+    policy: nn.Module | None = None,
 ) -> nn.Module | None:
     """A frozen copy of the starting policy for the KL term, or None when the recipe needs none.
 
     With LoRA on a full-weight base the reference is the policy with its adapter disabled, so no
-    second model is loaded unless `model.reference_name_or_path` names one.
+    second model is loaded unless `model.reference_name_or_path` names one. `policy`, when given,
+    is the freshly loaded, untrained policy: a reference of the same path is then copied from it
+    in memory instead of read from disk a second time.
     """
     explicit = model_cfg.reference_name_or_path
     if not needed and not explicit:
@@ -269,6 +277,8 @@ def load_reference(
     policy_is_adapter = os.path.isdir(name) and (Path(name) / ADAPTER_CONFIG).is_file()
     if model_cfg.lora.enabled and not explicit and not policy_is_adapter:
         return None
+    if policy is not None and _copyable(policy, model_cfg, device):
+        return _frozen(copy.deepcopy(policy))
     key = "model.reference_name_or_path" if explicit else "model.policy_name_or_path"
     dtype = resolve_dtype(model_cfg.dtype, device)
     model = _load_full_or_adapter(
@@ -278,6 +288,20 @@ def load_reference(
         model = cast(Any, model).merge_and_unload()  # a PeftModel
     model.to(device)
     experts.apply_experts_implementation(model, model_cfg.experts_implementation, device)
+    return _frozen(model)
+
+
+def _copyable(policy: nn.Module, model_cfg: ModelConfig, device: torch.device) -> bool:
+    """Whether a copy of `policy` is exactly what loading the reference would give: full weights
+    (no LoRA wrapper), no checkpointing hooks, already on the reference's device."""
+    if model_cfg.reference_name_or_path or model_cfg.lora.enabled:
+        return False
+    if model_cfg.gradient_checkpointing or hasattr(policy, "peft_config"):
+        return False
+    return all(p.device == device for p in policy.parameters())
+
+
+def _frozen(model: nn.Module) -> nn.Module:
     model.eval()
     model.requires_grad_(False)
     return model
