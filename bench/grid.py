@@ -249,12 +249,21 @@ def run_figures(res: ChildResult) -> dict[str, float]:
 
 
 FIGURES = ("step_s", "process_s", "tokens_per_s", "peak_rss_mb")
+HIGHER_IS_BETTER = ("tokens_per_s",)
+
+
+def _advantage(key: str, ours: float, theirs: float) -> float:
+    """moepost's advantage, > 1 when moepost is better: TRL/moepost for times and memory,
+    moepost/TRL for tokens/s; NaN when a side has no figure."""
+    num, den = (ours, theirs) if key in HIGHER_IS_BETTER else (theirs, ours)
+    return num / den if den and den == den else float("nan")
 
 
 def run_point(
     point: Point, runs: int, steps: int, threads: int, workdir: Path, say: Any = print
 ) -> dict[str, Any]:
-    """Both sides of one point, alternating; medians, per-run values and TRL/moepost ratios."""
+    """Both sides of one point, alternating; medians, per-run values and moepost's advantage
+    per figure (`_advantage`)."""
     ours, theirs = payloads(point, steps, threads)
     kind = point.kind
     here = workdir / point.id.replace(":", "_")
@@ -267,7 +276,7 @@ def run_point(
     results = alternate(jobs, runs, say)
     agg = {name: aggregate(res, run_figures) for name, res in results.items()}
     a, b = agg["moepost"]["median"], agg["trl"]["median"]
-    ratios = {k: b[k] / a[k] if a[k] and a[k] == a[k] else float("nan") for k in FIGURES}
+    ratios = {k: _advantage(k, a[k], b[k]) for k in FIGURES}
     micro = {"moepost": f"{ours['micro_batch_tokens']} tokens", "trl": theirs["micro_batch_size"]}
     return {"point": point.id, **asdict(point), "micro_batches": micro, **agg, "ratio": ratios}
 
@@ -284,7 +293,7 @@ HEAD = [
     "TRL/moepost",
     "tok/s moepost",
     "tok/s TRL",
-    "TRL/moepost",
+    "moepost/TRL",
     "RSS MB moepost",
     "RSS MB TRL",
     "TRL/moepost",

@@ -13,7 +13,7 @@ import trl  # noqa: F401 - the [bench] / [dev] extras install trl; without it th
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # `bench` is a folder of the checkout, not an installed package
 
-from bench.grid import GRID, Point, parse_points  # noqa: E402
+from bench.grid import GRID, HEAD, Point, _advantage, parse_points  # noqa: E402
 
 
 def test_points_parser_selects_filters_globs_and_off_grid_points() -> None:
@@ -38,6 +38,16 @@ def test_points_parser_selects_filters_globs_and_off_grid_points() -> None:
 
 
 @pytest.mark.slow
+def test_every_ratio_reads_higher_is_better_for_moepost() -> None:
+    # moepost 2 s vs TRL 3 s: 1.5x; 1000 vs 750 tok/s: 1.33x; 900 vs 1200 MB: 1.33x
+    assert _advantage("process_s", 2.0, 3.0) == pytest.approx(1.5)
+    assert _advantage("tokens_per_s", 1000.0, 750.0) == pytest.approx(4 / 3)
+    assert _advantage("peak_rss_mb", 900.0, 1200.0) == pytest.approx(4 / 3)
+    assert _advantage("step_s", 0.0, 1.0) != _advantage("step_s", 0.0, 1.0)  # NaN, no division
+    assert HEAD[HEAD.index("tok/s TRL") + 1] == "moepost/TRL"
+    assert HEAD[HEAD.index("process s TRL") + 1] == "TRL/moepost"
+
+
 def test_one_quick_point_per_side_writes_positive_figures(tmp_path: Path) -> None:
     out = tmp_path / "grid.json"
     cmd = [sys.executable, "bench/grid.py", "--points", "rl:2x4x32", "--quick", "--threads", "1"]
