@@ -22,6 +22,7 @@ from trl.rewards import (
 from moepost.components.rewards import (
     RewardFunction,
     gsm8k,
+    needs_trainer_state,
     resolve_reward,
     reward_metrics,
     reward_state,
@@ -101,6 +102,26 @@ def test_user_functions_in_trl_style(tmp_path: Path) -> None:
     for prompts in (["q1", "q2"], CHAT):
         scores = score_rewards(fns, prompts, ["7", "eight"], {"answer": ["7", "8"]})
         assert scores.per_function == {"short": [-1.0, -5.0], "matches": [1.0, 0.0]}
+
+
+def test_only_user_functions_make_the_scorer_build_a_trainer_state(tmp_path: Path) -> None:
+    """Builtins never read trainer_state, so a run of builtins only skips building one (an
+    import of transformers' trainer utilities and peft); any other function keeps TRL's."""
+    (tmp_path / "mine.py").write_text(
+        "def step_of(completions, trainer_state, **kwargs):\n"
+        "    return [float(trainer_state.global_step)] * len(completions)\n"
+    )
+    builtins = [resolve_reward({"name": n}) for n in ("gsm8k", "format", "exact_match")]
+    user = resolve_reward({"name": f"{tmp_path}/mine.py:step_of"})
+    assert [r.reads_trainer_state for r in builtins] == [False, False, False]
+    assert user.reads_trainer_state
+    assert not needs_trainer_state(builtins)
+    assert needs_trainer_state([*builtins, user])
+    # what the recipes then pass: None to builtins only; a real TrainerState otherwise
+    scores = score_rewards(builtins[:1], ["q"], ["#### 7"], {"answer": ["7"]}, trainer_state=None)
+    assert scores.per_function["gsm8k"] == [1.0]
+    scores = score_rewards([user], ["q"], ["x"], trainer_state=reward_state(4))
+    assert scores.per_function["step_of"] == [4.0]
 
 
 def test_builtins_accept_message_completions() -> None:

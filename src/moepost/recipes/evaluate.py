@@ -12,7 +12,12 @@ from typing import Any
 
 import torch
 
-from moepost.components.rewards import FAULT_KINDS, reward_state, score_rewards
+from moepost.components.rewards import (
+    FAULT_KINDS,
+    needs_trainer_state,
+    reward_state,
+    score_rewards,
+)
 from moepost.components.rollout.engine import RolloutEngine, SamplingParams
 from moepost.config.schema import Config
 
@@ -49,6 +54,7 @@ def evaluate_generation(
     """
     params = eval_params(cfg)
     tally = _EvalTally.start(reward_fns)
+    trainer_state = reward_state(step) if needs_trainer_state(reward_fns) else None
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
@@ -57,7 +63,7 @@ def evaluate_generation(
         prompts = [ex.reward_prompt for ex in chunk]
         scores = score_rewards(
             reward_fns, prompts, batch.completion_texts, columns,
-            completion_ids=batch.completion_ids, trainer_state=reward_state(step),
+            completion_ids=batch.completion_ids, trainer_state=trainer_state,
             timeout_s=cfg.reward.timeout_s,
         )  # fmt: skip
         tally.add(chunk, batch, scores, cfg.data.answer_key or "answer")

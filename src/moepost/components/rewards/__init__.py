@@ -37,6 +37,7 @@ from moepost.components.rewards.scoring import (
     FAULT_KINDS,
     RewardFunction,
     RewardScores,
+    needs_trainer_state,
     score_rewards,
 )
 from moepost.components.rewards.translation_qe import metricx_reward, xcomet_reward
@@ -134,7 +135,7 @@ def resolve_reward(
         for key in list(kwargs) + (["factory"] if "factory" in spec else []):
             if key not in names:
                 raise UserError(f"reward {name!r}: unknown key {key!r}; valid keys: {valid}")
-        return RewardFunction(name, fn, float(weight), kwargs)
+        return RewardFunction(name, fn, float(weight), kwargs, reads_trainer_state=False)
     if ":" not in name:
         raise UserError(
             f"unknown reward {name!r}: use one of {sorted(BUILTIN_REWARDS)} or "
@@ -251,6 +252,7 @@ __all__ = [
     "length_penalty",
     "math_verify_reward",
     "metricx_reward",
+    "needs_trainer_state",
     "overlong_penalty",
     "raise_if_all_none",
     "resolve_reward",

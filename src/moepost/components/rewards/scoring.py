@@ -52,6 +52,9 @@ class RewardFunction:
     accepted: frozenset[str] | None = None
     # Worker threads of calls that ran past reward.timeout_s and have not returned yet.
     abandoned: list[threading.Thread] = field(default_factory=list)
+    # moepost's builtins never read `trainer_state`: they get None instead (see
+    # `needs_trainer_state`). Every other function gets a TrainerState, as under TRL.
+    reads_trainer_state: bool = True
 
     def arguments(self, provided: Mapping[str, Any]) -> dict[str, Any]:
         """The keywords ``fn`` gets: what it accepts of ``provided``, then the config keys."""
@@ -259,6 +262,13 @@ def _per_sample(
             reward.name, len(failed), n, index, type(exc).__name__, exc,
         )  # fmt: skip
     return _Result(values, faults, extra, metrics)
+
+
+def needs_trainer_state(reward_fns: Sequence[RewardFunction]) -> bool:
+    """Whether any function may read ``trainer_state``. When none does the callers pass None:
+    a ``transformers.TrainerState`` imports transformers' trainer utilities and, through them,
+    peft (0.3 s on top of a loaded model, about 2 s in a fresh process on the 2-core VM)."""
+    return any(r.reads_trainer_state for r in reward_fns)
 
 
 def score_rewards(
