@@ -29,6 +29,7 @@ import math
 import shlex
 import shutil
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,8 @@ def _save_after_train(cls: Any) -> None:
 
 
 def trl_rl(p: dict[str, Any]) -> dict[str, Any]:
+    # the clock starts before TRL's imports, as moepost's job times its own: first_step_s
+    p = {**p, "t_start": time.perf_counter()}
     import trl
 
     _save_after_train(trl.GRPOTrainer)
@@ -171,6 +174,7 @@ def trl_rl(p: dict[str, Any]) -> dict[str, Any]:
 
 
 def trl_sft(p: dict[str, Any]) -> dict[str, Any]:
+    p = {**p, "t_start": time.perf_counter()}  # before TRL's imports (see trl_rl)
     import trl
 
     _save_after_train(trl.SFTTrainer)
