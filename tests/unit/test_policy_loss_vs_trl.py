@@ -68,7 +68,7 @@ def _trl(b: dict[str, torch.Tensor], **settings: Any) -> tuple[float, torch.Tens
     loss = trainer._compute_loss(None, inputs)
     loss.backward()
     assert logp.grad is not None
-    return float(loss), logp.grad
+    return float(loss.detach()), logp.grad
 
 
 class _Metrics(dict):  # TRL appends to `_metrics[mode][name]`
@@ -82,7 +82,7 @@ def _ours(b: dict[str, torch.Tensor], **settings: Any) -> tuple[float, torch.Ten
     loss, _ = policy_loss(logp, b["old"], b["adv"], b["mask"], ref_logprobs=b["ref"], **settings)
     loss.backward()
     assert logp.grad is not None
-    return float(loss), logp.grad
+    return float(loss.detach()), logp.grad
 
 
 CASES = {
