@@ -37,7 +37,6 @@ def test_points_parser_selects_filters_globs_and_off_grid_points() -> None:
             parse_points(bad)
 
 
-@pytest.mark.slow
 def test_every_ratio_reads_higher_is_better_for_moepost() -> None:
     # moepost 2 s vs TRL 3 s: 1.5x; 1000 vs 750 tok/s: 1.33x; 900 vs 1200 MB: 1.33x
     assert _advantage("process_s", 2.0, 3.0) == pytest.approx(1.5)
@@ -48,6 +47,7 @@ def test_every_ratio_reads_higher_is_better_for_moepost() -> None:
     assert HEAD[HEAD.index("process s TRL") + 1] == "TRL/moepost"
 
 
+@pytest.mark.slow
 def test_one_quick_point_per_side_writes_positive_figures(tmp_path: Path) -> None:
     out = tmp_path / "grid.json"
     cmd = [sys.executable, "bench/grid.py", "--points", "rl:2x4x32", "--quick", "--threads", "1"]
