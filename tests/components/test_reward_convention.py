@@ -27,6 +27,7 @@ from moepost.components.rewards import (
     reward_metrics,
     reward_state,
     score_rewards,
+    trainer_state_for,
 )
 from moepost.errors import UserError
 
@@ -117,6 +118,9 @@ def test_only_user_functions_make_the_scorer_build_a_trainer_state(tmp_path: Pat
     assert user.reads_trainer_state
     assert not needs_trainer_state(builtins)
     assert needs_trainer_state([*builtins, user])
+    assert trainer_state_for(builtins, 4, 10) is None
+    state = trainer_state_for([*builtins, user], 4, 10, batch_size=2)
+    assert (state.global_step, state.max_steps, state.train_batch_size) == (4, 10, 2)
     # what the recipes then pass: None to builtins only; a real TrainerState otherwise
     scores = score_rewards(builtins[:1], ["q"], ["#### 7"], {"answer": ["7"]}, trainer_state=None)
     assert scores.per_function["gsm8k"] == [1.0]

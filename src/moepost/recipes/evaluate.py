@@ -12,12 +12,7 @@ from typing import Any
 
 import torch
 
-from moepost.components.rewards import (
-    FAULT_KINDS,
-    needs_trainer_state,
-    reward_state,
-    score_rewards,
-)
+from moepost.components.rewards import FAULT_KINDS, score_rewards, trainer_state_for
 from moepost.components.rollout.engine import RolloutEngine, SamplingParams
 from moepost.config.schema import Config
 
@@ -54,7 +49,7 @@ def evaluate_generation(
     """
     params = eval_params(cfg)
     tally = _EvalTally.start(reward_fns)
-    trainer_state = reward_state(step) if needs_trainer_state(reward_fns) else None
+    trainer_state = trainer_state_for(reward_fns, step)
     t0 = time.perf_counter()
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]

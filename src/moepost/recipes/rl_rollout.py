@@ -12,10 +12,9 @@ from moepost.algorithms.advantages import group_advantages, rewards_to_tensor
 from moepost.components.moe.router_setup import RouterSetup
 from moepost.components.rewards import (
     RewardScores,
-    needs_trainer_state,
     raise_if_all_none,
-    reward_state,
     score_rewards,
+    trainer_state_for,
 )
 from moepost.components.rewards.length import overlong_penalty
 from moepost.components.rollout.batch_routes import capture_generation, generation_routes
@@ -114,9 +113,9 @@ def score_batch(
     group = batch.group_size
     prompts = [ex.reward_prompt for ex in examples for _ in range(group)]
     columns = _columns(examples, batch.completion_ids)
-    trainer_state = None  # no builtin reads it, and building one costs an import (0.3-2 s)
-    if needs_trainer_state(reward_fns):
-        trainer_state = reward_state(step, max_steps, batch_size=cfg.train.prompts_per_step)
+    trainer_state = trainer_state_for(
+        reward_fns, step, max_steps, batch_size=cfg.train.prompts_per_step
+    )
     scores = score_rewards(
         reward_fns, prompts, batch.completion_texts, columns,
         completion_ids=batch.completion_ids, trainer_state=trainer_state,

@@ -39,6 +39,7 @@ from moepost.components.rewards.scoring import (
     RewardScores,
     needs_trainer_state,
     score_rewards,
+    trainer_state_for,
 )
 from moepost.components.rewards.translation_qe import metricx_reward, xcomet_reward
 from moepost.errors import UserError
@@ -260,5 +261,6 @@ __all__ = [
     "reward_state",
     "reward_metrics",
     "score_rewards",
+    "trainer_state_for",
     "xcomet_reward",
 ]
