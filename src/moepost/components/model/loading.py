@@ -277,7 +277,7 @@ def load_reference(
     policy_is_adapter = os.path.isdir(name) and (Path(name) / ADAPTER_CONFIG).is_file()
     if model_cfg.lora.enabled and not explicit and not policy_is_adapter:
         return None
-    if policy is not None and _copyable(policy, model_cfg, device):
+    if policy is not None and not explicit and _copyable(policy, model_cfg, device):
         return _frozen(copy.deepcopy(policy))
     key = "model.reference_name_or_path" if explicit else "model.policy_name_or_path"
     dtype = resolve_dtype(model_cfg.dtype, device)
@@ -292,10 +292,9 @@ def load_reference(
 
 
 def _copyable(policy: nn.Module, model_cfg: ModelConfig, device: torch.device) -> bool:
-    """Whether a copy of `policy` is exactly what loading the reference would give: full weights
-    (no LoRA wrapper), no checkpointing hooks, already on the reference's device."""
-    if model_cfg.reference_name_or_path or model_cfg.lora.enabled:
-        return False
+    """Whether a copy of the policy loaded from the reference's own path is exactly what loading
+    it again would give: full weights (no LoRA wrapper, which also covers a LoRA run on an
+    adapter folder), no checkpointing hooks, already on the reference's device."""
     if model_cfg.gradient_checkpointing or hasattr(policy, "peft_config"):
         return False
     return all(p.device == device for p in policy.parameters())
