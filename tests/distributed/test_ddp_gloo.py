@@ -14,11 +14,11 @@ import math
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import pytest
+from gloo_retry import retry_teardown_abort  # this folder (pytest puts it on sys.path)
 from safetensors.torch import load_file
 
 from moepost.config.load import load_config
@@ -34,16 +34,11 @@ def torchrun(args: list[str], *, timeout: int = 240) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        cmd + args, env=env, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if proc.returncode != 0 and "terminate called without an active" in proc.stdout + proc.stderr:
-        # Seen twice on a heavily loaded 2-core machine: a gloo worker thread aborts while a
-        # rank tears down. Retry once, loudly, so a real failure still fails the test.
-        warnings.warn("torchrun: gloo aborted at teardown (SIGABRT); retrying once", stacklevel=2)
-        proc = subprocess.run(
+    proc = retry_teardown_abort(
+        lambda: subprocess.run(
             cmd + args, env=env, capture_output=True, text=True, timeout=timeout, check=False
         )
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 

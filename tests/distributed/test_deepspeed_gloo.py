@@ -31,6 +31,7 @@ from moepost.recipes.sft import run_sft
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ds_driver import DS, KILLED, RL_RUNS  # noqa: E402
+from gloo_retry import retry_teardown_abort  # noqa: E402
 
 DRIVER = Path(__file__).parent / "ds_driver.py"
 EXIT_HOOK = Path(__file__).parent / "exit_hook"
@@ -171,7 +172,9 @@ def ds(ds_sft_cfg: Path, ds_rl_cfg: Path, workdir: Path) -> dict[str, Any]:
             "checkpoints": sorted(p.name for p in run.iterdir() if p.name.startswith("checkp")),
             "final": (run / "final").exists(),
         }
-    proc = torchrun([str(DRIVER), str(out), str(ds_sft_cfg), str(ds_rl_cfg)])
+    proc = retry_teardown_abort(
+        lambda: torchrun([str(DRIVER), str(out), str(ds_sft_cfg), str(ds_rl_cfg)])
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return {"dir": out, "killed": killed, **json.loads((out / "results.json").read_text())}
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from gloo_retry import retry_teardown_abort  # this folder (pytest puts it on sys.path)
 from safetensors.torch import load_file
 
 from moepost.cli import main as cli_main
@@ -40,10 +41,15 @@ def _launch(out: Path, spec: dict[str, Any], *, crashes: bool) -> dict[str, Any]
     env.pop("WORLD_SIZE", None)
     env.pop("MOEPOST_CRASH_AFTER_STEP", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = subprocess.run(
-        [*cmd, str(DRIVER), str(out), str(out / "spec.json")],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
-    )  # fmt: skip
+
+    def launch() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*cmd, str(DRIVER), str(out), str(out / "spec.json")],
+            env=env, capture_output=True, text=True, timeout=600, check=False,
+        )  # fmt: skip
+
+    # a crash run ends with os._exit, so only a run meant to succeed can meet the teardown abort
+    proc = launch() if crashes else retry_teardown_abort(launch)
     (out / "launch.log").write_text(proc.stdout + proc.stderr)  # kept for a failing run
     log = proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (proc.returncode != 0) == crashes, log  # a crash run ends the launch with os._exit
